@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build on this machine's disk, in the same pip command as the project,
+# so nothing can pull the multi-GB CUDA build.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Real data: Fashion-MNIST from Debian's package.
+data: $(FMNIST)
+$(FMNIST):
+	(apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)) >/dev/null
+
+demo: install data
+	$(BIN)/vismem demo --out demo-out
+
+test: install data
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test,bench]'
+	$(BIN)/python benchmarks/search.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

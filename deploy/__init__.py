@@ -1,0 +1,1 @@
+"""Submitting jobs to clusters and serving a memory."""

@@ -1,0 +1,1 @@
+"""Evaluations of a memory against query sets: accuracy over k and voting rules, scaling laws."""

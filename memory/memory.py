@@ -1,0 +1,201 @@
+"""The visual memory: write one in a single process, open a pinned version, search and classify.
+
+``search`` fans every query batch out to all shards (each returns its own top-k), then merges the
+lists into the global top-k: with the exact backend this equals one brute-force search over all
+items, whatever the number of shards, equal similarities ordered by item id.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from memory import manifest as mf
+from memory import storage, voting
+from memory.backends import BACKENDS
+from memory.fanout import ThreadFanout
+from memory.partition import hash_partition
+from memory.shard import Shard, normalise, write_shard
+from memory.topk import merge_topk
+
+
+@dataclasses.dataclass
+class Neighbours:
+    """The k nearest items of each query, best first. Padding (k > items) has label -1, id ''."""
+
+    ids: np.ndarray      # (Q, k) object (str)
+    labels: np.ndarray   # (Q, k) int64
+    sims: np.ndarray     # (Q, k) float32 cosine similarity
+    weights: np.ndarray  # (Q, k) float32 per-item vote multiplier (soft pruning)
+
+
+@dataclasses.dataclass
+class Classification:
+    predictions: np.ndarray  # (Q,) class index, -1 when no neighbour could vote
+    scores: np.ndarray       # (Q, C) class scores of the voting rule
+    neighbours: Neighbours   # the neighbours behind each decision
+    class_names: list
+
+    @property
+    def predicted_names(self) -> list:
+        return [self.class_names[p] if p >= 0 else None for p in self.predictions]
+
+
+def _validate_items(embeddings, labels, ids, class_names, weights):
+    n = len(ids)
+    if n == 0:
+        raise ValueError("cannot write an empty memory: no items given")
+    if np.asarray(embeddings).ndim != 2 or len(embeddings) != n or len(labels) != n:
+        raise ValueError(
+            f"embeddings {np.shape(embeddings)}, labels ({len(labels)},) and ids ({n},) must have one row per item"
+        )
+    uniq, counts = np.unique(np.asarray(ids).astype(str), return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"duplicate item ids, e.g. {uniq[counts > 1][:3].tolist()}")
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    bad = (labels < 0) | (labels >= len(class_names))
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} labels lie outside the {len(class_names)} class names "
+            f"(first: item {ids[np.flatnonzero(bad)[0]]!r} has label {labels[bad][0]})"
+        )
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError("weights must be one finite, non-negative value per item")
+
+
+def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, backend: str = "exact",
+                 class_names, weights=None, provenance=None, encoder=None, backend_params=None,
+                 storage_dtype: str = "float32") -> dict:
+    """Write a new memory at ``path`` (local or ``gs://``) in this process; returns its manifest.
+
+    Items are hash-partitioned by id into ``num_shards`` shards, each written with the per-shard
+    writer the Beam build also uses. The manifest is written last: an interrupted write leaves no
+    readable memory behind, never a partial one.
+
+    Raises:
+        ValueError: mismatched lengths, duplicate ids, labels outside ``class_names``, NaN/inf or
+            zero vectors, an unknown backend, or a memory already at ``path``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ids = np.asarray(ids, dtype=object)
+    _validate_items(embeddings, labels, ids, class_names, weights)
+    emb = normalise(embeddings, ids=ids)
+    if mf.latest_version(path) is not None:
+        raise ValueError(f"a memory already exists at {path} (version {mf.latest_version(path)})")
+    shard_of = hash_partition(ids, num_shards)
+    version = 1
+    shards = []
+    for s in range(num_shards):
+        rows = np.flatnonzero(shard_of == s)
+        if len(rows) == 0:
+            continue
+        name = mf.shard_name(s, num_shards)
+        rel = f"shards/v{version:08d}/{name}"
+        entry = write_shard(
+            storage.join(path, rel), emb[rows], ids[rows], np.asarray(labels)[rows], backend_name=backend,
+            weights=None if weights is None else np.asarray(weights)[rows],
+            provenance={k: np.asarray(v)[rows] for k, v in (provenance or {}).items()},
+            backend_params=backend_params, storage_dtype=storage_dtype,
+        )
+        shards.append({"name": name, "path": rel, **entry})
+    manifest = mf.new_manifest(
+        version=version, dim=emb.shape[1], class_names=class_names, backend=backend, shards=shards,
+        encoder=encoder, partitioning={"method": "hash", "num_shards": num_shards},
+    )
+    mf.write_manifest(path, manifest)
+    return manifest
+
+
+class Memory:
+    """An opened, pinned version of a memory. Use :meth:`open`."""
+
+    def __init__(self, root, manifest, shards, executor):
+        self.root = root
+        self.manifest = manifest
+        self.shards = shards
+        self.executor = executor
+
+    @classmethod
+    def open(cls, path: str, version: int | None = None, *, verify: bool = True, executor=None,
+             cache_dir: str | None = None) -> "Memory":
+        """Open ``version`` (default: the latest) of the memory at ``path``, checking every checksum.
+
+        Args:
+            executor: how shards are searched (default: a thread per core); see ``memory.fanout``.
+            verify: check file checksums (sizes are always checked).
+
+        Raises:
+            FileNotFoundError: nothing published at ``path``, or no such version.
+            MemoryFormatError: a corrupt or partial memory, or an unsupported format version.
+        """
+        manifest = mf.read_manifest(path, version)
+        shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in manifest["shards"]]
+        return cls(path, manifest, shards, executor or ThreadFanout(min(len(shards) or 1, 8)))
+
+    def close(self):
+        self.executor.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dim"]
+
+    @property
+    def class_names(self) -> list:
+        return self.manifest["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return sum(len(s.ids) for s in self.shards)
+
+    def _queries(self, queries, k) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (n, {self.dim}) for this memory, got {np.shape(queries)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if len(self) == 0:
+            raise ValueError(f"memory {self.root} (version {self.version}) is empty: nothing to search")
+        return normalise(q, what="queries")
+
+    def search(self, queries, k: int) -> Neighbours:
+        """The global top-k neighbours of each query over all shards, best first.
+
+        Raises:
+            ValueError: wrong dimension, NaN/inf or zero queries, k < 1, or an empty memory.
+        """
+        q = self._queries(queries, k)
+        results = self.executor.map(lambda shard: shard.search(q, k), self.shards)
+        sims, ids, labels, weights = merge_topk(results, k)
+        return Neighbours(ids=ids, labels=labels, sims=sims, weights=weights)
+
+    def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
+                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0) -> Classification:
+        """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``)."""
+        if method not in voting.METHODS:
+            raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
+        nb = self.search(queries, k)
+        kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
+                  alpha=alpha, tau=tau, xi=xi)
+        scores = voting.vote(nb.labels, nb.sims, **kw)
+        preds = voting.predict(nb.labels, nb.sims, **kw)
+        return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names)

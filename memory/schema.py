@@ -1,0 +1,146 @@
+"""The data contracts every stage shares: the embedding shard and a memory shard's items table.
+
+Embedding shard (written by the embedding pipeline, read by builds and queries), one Parquet file:
+``id`` string (globally unique, stable), ``embedding`` fixed-size list of float16/float32,
+``label`` int32 (-1 unknown), ``label_source`` ("human" | "teacher"), ``confidence`` float32,
+``source`` (dataset name), ``uri``. Schema metadata: encoder, encoder_version, dim, normalisation.
+
+Items table (one per memory shard, row ``i`` is index row ``i``): ``id``, ``label``, ``weight``
+(vote multiplier, 1.0 unless soft-pruned) and the provenance columns ``label_source``,
+``confidence``, ``source``, ``uri``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memory import storage
+
+LABEL_SOURCES = ("human", "teacher")
+PROVENANCE_COLUMNS = ("label_source", "confidence", "source", "uri")
+UNKNOWN_LABEL = -1
+
+
+def embedding_schema(dim: int, dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
+    value = {"float32": pa.float32(), "float16": pa.float16()}.get(dtype)
+    if value is None:
+        raise ValueError(f"embedding dtype must be float32 or float16, got {dtype!r}")
+    meta = {"dim": str(dim), "normalisation": "l2", **{k: str(v) for k, v in (metadata or {}).items()}}
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("embedding", pa.list_(value, dim)),
+            ("label", pa.int32()),
+            ("label_source", pa.string()),
+            ("confidence", pa.float32()),
+            ("source", pa.string()),
+            ("uri", pa.string()),
+        ],
+        metadata={k.encode(): v.encode() for k, v in meta.items()},
+    )
+
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int32()),
+        ("weight", pa.float32()),
+        ("label_source", pa.string()),
+        ("confidence", pa.float32()),
+        ("source", pa.string()),
+        ("uri", pa.string()),
+    ]
+)
+
+
+def default_provenance(n: int, source: str = "") -> dict:
+    return {
+        "label_source": np.full(n, "human", dtype=object),
+        "confidence": np.ones(n, dtype=np.float32),
+        "source": np.full(n, source, dtype=object),
+        "uri": np.full(n, "", dtype=object),
+    }
+
+
+def embedding_table(ids, embeddings, labels, *, dtype="float32", provenance=None, metadata=None) -> pa.Table:
+    """Build an embedding-shard table from arrays (the one constructor every writer uses)."""
+    embeddings = np.asarray(embeddings)
+    n, dim = embeddings.shape
+    prov = {**default_provenance(n), **(provenance or {})}
+    flat = pa.array(embeddings.astype(dtype).ravel())
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(ids, dtype=object), pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array(np.asarray(labels, dtype=np.int32)),
+            pa.array(prov["label_source"], pa.string()),
+            pa.array(np.asarray(prov["confidence"], dtype=np.float32)),
+            pa.array(prov["source"], pa.string()),
+            pa.array(prov["uri"], pa.string()),
+        ],
+        schema=embedding_schema(dim, dtype, metadata),
+    )
+
+
+def write_embeddings(path: str, table: pa.Table) -> None:
+    """Write one embedding shard atomically (local temp + rename; one object on GCS)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+def read_embeddings(path: str) -> dict:
+    """Read an embedding shard: ``ids``, ``embeddings`` float32 ``(N, dim)``, ``labels``, provenance.
+
+    Raises:
+        ValueError: a missing column, an embedding column that is not a fixed-size float list.
+    """
+    fs, p = storage.filesystem(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"embedding shard not found: {path}")
+    with fs.open(p, "rb") as f:
+        table = pq.read_table(f)
+    missing = [c for c in ("id", "embedding", "label") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: not an embedding shard, missing column(s) {missing}")
+    col = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or not pa.types.is_floating(col.type.value_type):
+        raise ValueError(f"{path}: column 'embedding' must be a fixed-size list of floats, got {col.type}")
+    dim = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    out = {
+        "ids": np.asarray(table.column("id").to_pylist(), dtype=object),
+        "embeddings": values.astype(np.float32).reshape(len(table), dim),
+        "labels": table.column("label").to_numpy().astype(np.int64),
+        "metadata": {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()},
+    }
+    n = len(table)
+    defaults = default_provenance(n)
+    out["provenance"] = {
+        c: (np.asarray(table.column(c).to_pylist(), dtype=object) if c in table.column_names else defaults[c])
+        for c in PROVENANCE_COLUMNS
+    }
+    out["provenance"]["confidence"] = np.asarray(out["provenance"]["confidence"], dtype=np.float32)
+    return out
+
+
+def items_table(ids, labels, weights, provenance) -> pa.Table:
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(ids, dtype=object), pa.string()),
+            pa.array(np.asarray(labels, dtype=np.int32)),
+            pa.array(np.asarray(weights, dtype=np.float32)),
+            pa.array(np.asarray(provenance["label_source"], dtype=object), pa.string()),
+            pa.array(np.asarray(provenance["confidence"], dtype=np.float32)),
+            pa.array(np.asarray(provenance["source"], dtype=object), pa.string()),
+            pa.array(np.asarray(provenance["uri"], dtype=object), pa.string()),
+        ],
+        schema=ITEMS_SCHEMA,
+    )
+
+
+def metadata_json(table: pa.Table) -> str:
+    return json.dumps({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})

@@ -1,0 +1,118 @@
+"""One memory shard: the per-shard writer (used by ``write_memory`` and the Beam build) and reader.
+
+A shard folder holds ``items.parquet`` (row i = index row i, rows sorted by id so exact ties break
+by id), ``embeddings.npy`` (the L2-normalised vectors: the exact index, and the source for later
+rebuilds) and the backend's own files. Its manifest entry carries every file's checksum.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from memory import schema, storage
+from memory.backends import EMBEDDINGS_FILE, backend
+from memory.manifest import MemoryFormatError
+
+ITEMS_FILE = "items.parquet"
+
+
+def normalise(x: np.ndarray, what: str = "embeddings", ids=None) -> np.ndarray:
+    """L2-normalised float32 copy of ``x`` ``(N, dim)``; rejects NaN, infinite and zero rows by name."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a 2-d (rows, dim) array, got shape {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        where = ids[np.flatnonzero(bad)[0]] if ids is not None else int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what} contain NaN or infinite values ({int(bad.sum())} rows, first: {where})")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        where = ids[np.flatnonzero(norms[:, 0] == 0)[0]] if ids is not None else int(np.flatnonzero(norms[:, 0] == 0)[0])
+        raise ValueError(f"{what} contain all-zero rows, which have no direction (first: {where})")
+    return x / norms
+
+
+def write_shard(dest: str, embeddings, ids, labels, *, backend_name: str, weights=None,
+                provenance=None, backend_params=None, storage_dtype: str = "float32") -> dict:
+    """Build one shard's index and files, publish them at ``dest``, return its manifest entry.
+
+    The caller validates; rows are re-ordered by id here. Nothing appears at ``dest`` until the
+    shard is complete.
+    """
+    ids = np.asarray(ids, dtype=object)
+    order = np.argsort(ids.astype(str), kind="stable")
+    ids = ids[order]
+    emb = normalise(np.asarray(embeddings)[order], ids=ids)
+    labels = np.asarray(labels, dtype=np.int32)[order]
+    n = len(ids)
+    weights = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)[order]
+    prov = schema.default_provenance(n)
+    prov.update({k: np.asarray(v)[order] for k, v in (provenance or {}).items()})
+    if backend_name == "exact":
+        backend_params = {"dtype": storage_dtype, **(backend_params or {})}
+    with tempfile.TemporaryDirectory(prefix="vismem-build-") as tmp:
+        pq.write_table(schema.items_table(ids, labels, weights, prov), os.path.join(tmp, ITEMS_FILE))
+        np.save(os.path.join(tmp, EMBEDDINGS_FILE), emb.astype(storage_dtype))
+        index = backend(backend_name).build(emb, list(ids), backend_params)
+        index.save(tmp)
+        files = storage.describe_dir(tmp)
+        storage.publish_dir(tmp, dest)
+    params = getattr(index, "params", None) or backend_params or {}
+    return {"count": n, "backend": backend_name, "params": params, "files": files}
+
+
+class Shard:
+    """A loaded shard: its index plus the item columns that travel with every neighbour."""
+
+    def __init__(self, entry: dict, local_dir: str):
+        self.entry = entry
+        self.name = entry["name"]
+        items = pq.read_table(os.path.join(local_dir, ITEMS_FILE))
+        self.ids = np.asarray(items.column("id").to_pylist(), dtype=object)
+        self.labels = items.column("label").to_numpy().astype(np.int64)
+        self.weights = items.column("weight").to_numpy().astype(np.float32)
+        self.index = backend(entry["backend"]).load(local_dir, entry.get("params", {}))
+        if len(self.index) != len(self.ids) or len(self.ids) != entry["count"]:
+            raise MemoryFormatError(
+                f"shard {self.name}: index has {len(self.index)} rows, items table {len(self.ids)}, "
+                f"manifest says {entry['count']}"
+            )
+
+    @classmethod
+    def open(cls, root: str, entry: dict, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
+        """Open the shard at ``root/entry['path']``, checking that every file is there and intact."""
+        src = storage.join(root, entry["path"])
+        files = sorted(entry["files"])
+        try:
+            local = storage.fetch_dir(src, files, cache_root=cache_dir)
+        except FileNotFoundError as exc:
+            raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {exc}") from exc
+        downloaded = storage.is_remote(src)
+        try:
+            for rel in files:
+                path = os.path.join(local, rel)
+                if not os.path.exists(path):
+                    raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {rel} is missing")
+                want = entry["files"][rel]
+                if os.path.getsize(path) != want["bytes"] or (verify and storage.sha256_file(path) != want["sha256"]):
+                    raise MemoryFormatError(
+                        f"shard {entry['name']} at {src} is corrupt: {rel} does not match its checksum"
+                    )
+            return cls(entry, local)
+        finally:
+            if downloaded:  # both backends load their files fully into memory
+                shutil.rmtree(local, ignore_errors=True)
+
+    def search(self, queries: np.ndarray, k: int):
+        """``(sims, ids, labels, weights, shard-local rows)`` of this shard's top-k, best first."""
+        sims, rows = self.index.search(queries, k)
+        valid = rows >= 0
+        safe = np.where(valid, rows, 0)
+        ids = np.where(valid, self.ids[safe], "")
+        labels = np.where(valid, self.labels[safe], -1)
+        weights = np.where(valid, self.weights[safe], 0.0).astype(np.float32)
+        return sims, ids, labels, weights

@@ -1,0 +1,125 @@
+"""One place for file I/O on local paths and ``gs://`` URLs: atomic writes, uploads, checksums.
+
+Everything goes through fsspec (gcsfs for ``gs://``), so the same code runs on a laptop and on a
+cluster. Local writes go to a temporary name and are renamed, so a killed process never leaves a
+half-written file under its final name; object stores publish each object whole anyway.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+
+import fsspec
+
+# Recent gcsfs probes the bucket type over gRPC, which stalls about a minute per call against an
+# emulator; plain HTTP is all a memory needs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def filesystem(path: str):
+    """``(fs, path_in_fs)`` for a local path or URL."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, root
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def sha256_file(local_path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(local_path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def describe_dir(local_dir: str) -> dict:
+    """``{relative path: {"sha256", "bytes"}}`` for every file under a local directory."""
+    out = {}
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+            out[rel] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
+    return dict(sorted(out.items()))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    fs, p = filesystem(path)
+    if is_remote(path):
+        with fs.open(p, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def list_names(path: str) -> list[str]:
+    """Base names of the entries directly under ``path`` (empty if it does not exist)."""
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return []
+    fs.invalidate_cache(p)
+    return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+
+def publish_dir(local_dir: str, dest: str) -> None:
+    """Copy a finished local directory to ``dest`` (local or remote) so it appears whole.
+
+    Locally the copy lands under a temporary name and is renamed into place; a directory already at
+    ``dest`` is replaced. Remotely each object is uploaded; readers only find the directory through a
+    manifest written after this returns.
+    """
+    fs, p = filesystem(dest)
+    if is_remote(dest):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+        for rel in describe_dir(local_dir):
+            fs.put_file(os.path.join(local_dir, rel), f"{p}/{rel}")
+        return
+    os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+    shutil.copytree(local_dir, tmp)
+    if os.path.exists(p):
+        shutil.rmtree(p)
+    os.replace(tmp, p)
+
+
+def fetch_dir(src: str, files: list[str], cache_root: str | None = None) -> str:
+    """A local directory holding ``files`` of ``src``: ``src`` itself when local, else a download."""
+    if not is_remote(src):
+        return filesystem(src)[1]
+    fs, p = filesystem(src)
+    local = tempfile.mkdtemp(prefix="vismem-shard-", dir=cache_root)
+    for rel in files:
+        target = os.path.join(local, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(f"{p}/{rel}", target)
+    return local

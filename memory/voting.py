@@ -1,0 +1,187 @@
+"""Voting rules that turn a query's ranked neighbours into class scores and a prediction.
+
+Formulas (DESIGN.md, the paper's section 2.2), with rank ``r`` 0-based and ``s`` the cosine similarity:
+
+- ``plurality``: ``w = 1``
+- ``distance``:  ``w = exp(-(1 - s)) ** xi``
+- ``softmax``:   ``w = exp(s / tau)`` (computed as ``exp((s - s_max) / tau)`` per query: the same
+  scores up to a per-query factor, so the same argmax, and no overflow for small ``tau``)
+- ``rank``:      ``w = 1 / (alpha + r)``
+
+Each weight is multiplied by an optional per-neighbour ``weights`` entry (soft memory pruning).
+Neighbours whose label is ``-1`` (excluded: hard-pruned, removed, or padding) are skipped, and the
+neighbours after them move up in rank, exactly as if the excluded items were not in the memory.
+
+Ties between classes: the tied class whose best-ranked neighbour is nearest wins. A query with no
+valid neighbour predicts ``-1``.
+
+Everything is vectorised over the batch; :func:`predict_all_k` gives the prediction for every
+``k = 1..K`` in one pass over the columns, because evaluations need every k.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("plurality", "distance", "softmax", "rank")
+EXCLUDED = -1
+# Class scores within this relative distance of the best one count as tied: sums of the same
+# weights in another order can differ in the last bits.
+_TIE_RTOL = 1e-9
+
+
+def _validate(labels, sims, weights, method, num_classes, k):
+    labels = np.asarray(labels)
+    sims = np.asarray(sims, dtype=np.float64)
+    if method not in METHODS:
+        raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(METHODS)}")
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a (queries, neighbours) array, got shape {labels.shape}")
+    if sims.shape != labels.shape:
+        raise ValueError(f"sims shape {sims.shape} does not match labels shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if labels.size and (labels.min() < EXCLUDED or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or be {EXCLUDED} (excluded); "
+            f"got values in [{labels.min()}, {labels.max()}]"
+        )
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != labels.shape:
+            raise ValueError(f"weights shape {weights.shape} does not match labels shape {labels.shape}")
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ValueError("weights must be finite and non-negative")
+    if k is not None:
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if int(k) > labels.shape[1]:
+            raise ValueError(f"k={k} exceeds the {labels.shape[1]} neighbours given")
+    return labels.astype(np.int64), sims, weights
+
+
+def _compact(labels, sims, weights):
+    """Move excluded neighbours to the end of each row, keeping the order of the others."""
+    order = np.argsort(labels == EXCLUDED, axis=1, kind="stable")
+    labels = np.take_along_axis(labels, order, axis=1)
+    sims = np.take_along_axis(sims, order, axis=1)
+    if weights is not None:
+        weights = np.take_along_axis(weights, order, axis=1)
+    return labels, sims, weights
+
+
+def neighbour_weights(labels, sims, *, method, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """Per-neighbour vote weights ``(Q, K)`` for already-compacted neighbour lists (0 where excluded)."""
+    valid = labels != EXCLUDED
+    if method == "plurality":
+        w = np.ones(labels.shape, dtype=np.float64)
+    elif method == "distance":
+        w = np.exp(-(1.0 - sims) * xi)
+    elif method == "softmax":
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        best = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True) if sims.size else sims
+        best = np.where(np.isfinite(best), best, 0.0)
+        w = np.exp((np.where(valid, sims, best) - best) / tau)
+    elif method == "rank":
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (it offsets the 0-based rank), got {alpha}")
+        w = np.broadcast_to(1.0 / (alpha + np.arange(labels.shape[1], dtype=np.float64)), labels.shape)
+    else:
+        raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(METHODS)}")
+    if weights is not None:
+        w = w * weights
+    return np.where(valid, w, 0.0)
+
+
+def _scores_and_first_rank(labels, w, num_classes):
+    q, k = labels.shape
+    valid = labels != EXCLUDED
+    rows = np.repeat(np.arange(q), k)
+    cols = np.where(valid, labels, 0).ravel()
+    scores = np.zeros((q, num_classes), dtype=np.float64)
+    np.add.at(scores, (rows, cols), w.ravel())
+    # Best (lowest) rank of each class among the neighbours; k means "absent".
+    first_rank = np.full((q, num_classes), k, dtype=np.int64)
+    ranks = np.broadcast_to(np.arange(k), (q, k))
+    np.minimum.at(first_rank, (rows[valid.ravel()], cols[valid.ravel()]), ranks[valid])
+    return scores, first_rank
+
+
+def _argmax_with_ties(scores, first_rank, absent_rank):
+    best = scores.max(axis=1, keepdims=True)
+    tied = np.isclose(scores, best, rtol=_TIE_RTOL, atol=0.0) & (first_rank < absent_rank)
+    pred = np.argmin(np.where(tied, first_rank, absent_rank + 1), axis=1)
+    return np.where(tied.any(axis=1), pred, EXCLUDED)
+
+
+def _prepare(labels, sims, method, num_classes, k, weights, alpha, tau, xi):
+    labels, sims, weights = _validate(labels, sims, weights, method, num_classes, k)
+    labels, sims, weights = _compact(labels, sims, weights)
+    if k is not None:
+        labels, sims = labels[:, :k], sims[:, :k]
+        weights = None if weights is None else weights[:, :k]
+    w = neighbour_weights(labels, sims, method=method, weights=weights, alpha=alpha, tau=tau, xi=xi)
+    return labels, w
+
+
+def vote(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """Class scores ``(Q, num_classes)`` from the first ``k`` valid neighbours of each query.
+
+    Args:
+        labels: ``(Q, K)`` int neighbour labels, best first; ``-1`` marks an excluded neighbour.
+        sims: ``(Q, K)`` cosine similarities in the same order.
+        method: one of ``plurality``, ``distance``, ``softmax``, ``rank``.
+        num_classes: number of classes; labels must lie in ``[0, num_classes)``.
+        k: how many valid neighbours vote (default: all given).
+        weights: optional ``(Q, K)`` non-negative multipliers (soft memory pruning).
+        alpha, tau, xi: the rank offset, softmax temperature and distance exponent.
+
+    Raises:
+        ValueError: unknown method, mismatched shapes, labels out of range, bad k or weights.
+
+    Example:
+        >>> vote([[2, 1, 1]], [[0.9, 0.8, 0.7]], method="plurality", num_classes=3)
+        array([[0., 2., 1.]])
+    """
+    labels, w = _prepare(labels, sims, method, num_classes, k, weights, alpha, tau, xi)
+    return _scores_and_first_rank(labels, w, int(num_classes))[0]
+
+
+def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """Predicted labels ``(Q,)``: the argmax of :func:`vote`, ties to the class seen first."""
+    labels, w = _prepare(labels, sims, method, num_classes, k, weights, alpha, tau, xi)
+    scores, first_rank = _scores_and_first_rank(labels, w, int(num_classes))
+    return _argmax_with_ties(scores, first_rank, labels.shape[1])
+
+
+def predict_all_k(labels, sims, *, method, num_classes, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """Predictions for every ``k = 1..K`` at once: ``(Q, K)``, column ``k - 1`` is :func:`predict` at k.
+
+    One pass over the neighbour columns with running class scores: after adding neighbour ``j``
+    only its class's score grew, so the leader either stays or becomes that class. Cost is
+    ``O(Q * K)`` vectorised steps instead of ``K`` full votes. When a query has fewer than k valid
+    neighbours, its prediction at k uses all it has.
+    """
+    labels, w = _prepare(labels, sims, method, num_classes, None, weights, alpha, tau, xi)
+    q, kmax = labels.shape
+    rows = np.arange(q)
+    scores = np.zeros((q, int(num_classes)), dtype=np.float64)
+    first_rank = np.full((q, int(num_classes)), kmax, dtype=np.int64)
+    leader = np.full(q, EXCLUDED, dtype=np.int64)
+    out = np.empty((q, kmax), dtype=np.int64)
+    for j in range(kmax):
+        cls = labels[:, j]
+        valid = cls != EXCLUDED
+        c = np.where(valid, cls, 0)
+        scores[rows, c] += w[:, j]  # w is 0 where invalid
+        first_rank[rows, c] = np.where(valid, np.minimum(first_rank[rows, c], j), first_rank[rows, c])
+        cand = scores[rows, c]
+        lead = np.where(leader >= 0, leader, 0)
+        lead_score = np.where(leader >= 0, scores[rows, lead], -np.inf)
+        tie = np.isclose(cand, lead_score, rtol=_TIE_RTOL, atol=0.0)
+        wins = valid & ((cand > lead_score) & ~tie | tie & (first_rank[rows, c] < first_rank[rows, lead]))
+        leader = np.where(wins, c, leader)
+        out[:, j] = leader
+    return out

@@ -1,0 +1,1 @@
+"""Batch jobs: embedding and pseudo-labelling image collections on Ray, sharded index builds on Beam."""

@@ -1,0 +1,32 @@
+"""vismem: visual memory at scale. Classification by retrieval over a sharded embedding database."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vismem",
+    version="0.1.0",
+    description="Visual memory at scale: kNN classification over sharded ScaNN/exact indices, "
+    "with Ray embedding pipelines and Beam index builds",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*"]),
+    py_modules=["vismem_cli"],
+    install_requires=[
+        "numpy>=1.24",
+        # The CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+        "torch==2.13.0",
+        "scann>=1.4,<1.5",
+        "pyarrow>=14",
+        "fsspec>=2024.2",
+        "gcsfs>=2024.2",
+        "apache-beam>=2.60",
+        "ray>=2.40",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],
+        # Baselines the search benchmark compares against.
+        "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8"],
+    },
+    entry_points={"console_scripts": ["vismem=vismem_cli:main"]},
+)

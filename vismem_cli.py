@@ -1,0 +1,41 @@
+"""``vismem``: the command-line entry. Each package registers its own verbs; this file only wires them."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memory import cli as memory_cli
+    from pipelines import demo
+
+    parser = argparse.ArgumentParser(
+        prog="vismem",
+        description="Visual memory at scale: classify images by retrieval from a sharded database of "
+        "(embedding, label) pairs. Add and remove knowledge without training.",
+        epilog="Run 'vismem VERB --help' for each verb's options and an example.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    memory_cli.add_parsers(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from memory.cli import print_json
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vismem {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
