@@ -92,6 +92,10 @@ class ExactIndex(Index):
     def __len__(self):
         return self.embeddings.shape[0]
 
+    def _block_scores(self, qb, i0):
+        items = self._items[i0:i0 + self.item_block]
+        return qb @ (items if items.dtype == torch.float32 else items.float()).T
+
     def search(self, queries, k):
         n = len(self)
         kk = min(k, n)
@@ -102,21 +106,16 @@ class ExactIndex(Index):
             qb = q[q0:q0 + self.query_block]
             best_s, best_r = None, None
             for i0 in range(0, n, self.item_block):
-                items = self._items[i0:i0 + self.item_block]
-                if items.dtype != torch.float32:
-                    items = items.float()
-                scores = qb @ items.T
+                scores = self._block_scores(qb, i0)
                 # One extra candidate shows whether a tie straddles the k-th place.
-                kb = min(kk + 1, scores.shape[1])
-                s, r = torch.topk(scores, kb, dim=1, sorted=True)
+                s, r = torch.topk(scores, min(kk + 1, scores.shape[1]), dim=1, sorted=True)
                 r = r + i0
                 if best_s is not None:
                     s, r = torch.cat([best_s, s], 1), torch.cat([best_r, r], 1)
                     s, pos = torch.topk(s, min(kk + 1, s.shape[1]), dim=1, sorted=True)
                     r = torch.gather(r, 1, pos)
                 best_s, best_r = s, r
-            s, r = best_s.numpy(), best_r.numpy()
-            s, r = self._exact_ties(qb.numpy(), s, r, kk)
+            s, r = self._exact_ties(qb, best_s.numpy(), best_r.numpy(), kk)
             out_s[q0:q0 + len(qb)], out_r[q0:q0 + len(qb)] = s, r
         return _pad(out_s, out_r, k)
 
@@ -125,42 +124,43 @@ class ExactIndex(Index):
         order = order_best_first(s, r)
         s, r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
         if s.shape[1] > kk:
-            for i in np.flatnonzero(s[:, kk - 1] == s[:, kk]):
-                full = self._row_scores(qb[i])
-                cand = np.flatnonzero(full >= s[i, kk - 1])
-                o = np.lexsort((cand, -full[cand]))[:kk]
-                s[i, :kk], r[i, :kk] = full[cand[o]], cand[o]
+            tied = np.flatnonzero(s[:, kk - 1] == s[:, kk])
+            if len(tied):
+                # Recompute with the very same block shapes, so tied scores compare equal bit for bit
+                # (a one-row product may round differently), and keep every item at the boundary.
+                cand_s, cand_r = [[] for _ in tied], [[] for _ in tied]
+                for i0 in range(0, len(self), self.item_block):
+                    block = self._block_scores(qb, i0).numpy()
+                    for j, i in enumerate(tied):
+                        hit = np.flatnonzero(block[i] >= s[i, kk - 1])
+                        cand_s[j].append(block[i, hit])
+                        cand_r[j].append(hit + i0)
+                for j, i in enumerate(tied):
+                    cs, cr = np.concatenate(cand_s[j]), np.concatenate(cand_r[j])
+                    o = np.lexsort((cr, -cs))[:kk]
+                    s[i, :kk], r[i, :kk] = cs[o], cr[o]
         return s[:, :kk], r[:, :kk]
-
-    def _row_scores(self, qvec):
-        # Same kernel as the blocked path so tied scores compare equal bit for bit.
-        q = torch.from_numpy(np.ascontiguousarray(qvec[None, :], dtype=np.float32))
-        parts = []
-        for i0 in range(0, len(self), self.item_block):
-            items = self._items[i0:i0 + self.item_block]
-            parts.append((q @ (items.float() if items.dtype != torch.float32 else items).T).numpy()[0])
-        return np.concatenate(parts)
 
 
 def scann_params(n: int, dim: int, overrides: dict | None = None) -> dict:
     """ScaNN parameters from a shard's size and dimension, per the ScaNN docs; any can be overridden.
 
     - fewer than 20k items: brute force (exact, and as fast as a tree at that size);
-    - otherwise a tree with about sqrt(n) leaves, searching ~1/500 of them (at least 2), asymmetric
+    - otherwise a tree with about sqrt(n) leaves, searching 5% of them (the docs' 100 of 2000; at
+      least 4), asymmetric
       hashing with 2 dimensions per block and anisotropic threshold 0.2, and exact reordering of
       the best 100 candidates.
     """
-    p = {"brute_force": n < SCANN_BRUTE_FORCE_BELOW}
-    if not p["brute_force"]:
-        leaves = int(min(max(round(math.sqrt(n)), 2), n // 50 or 1))
-        p.update(
-            num_leaves=leaves,
-            num_leaves_to_search=max(2, leaves // 500),
-            training_sample_size=int(min(n, 250_000)),
-            dimensions_per_block=2,
-            anisotropic_quantization_threshold=0.2,
-            reorder=100,
-        )
+    leaves = int(min(max(round(math.sqrt(n)), 2), max(n // 50, 2)))
+    p = {
+        "brute_force": n < SCANN_BRUTE_FORCE_BELOW,
+        "num_leaves": leaves,
+        "num_leaves_to_search": max(4, round(leaves / 20)),
+        "training_sample_size": int(min(n, 250_000)),
+        "dimensions_per_block": 2,
+        "anisotropic_quantization_threshold": 0.2,
+        "reorder": 100,
+    }
     for key, value in (overrides or {}).items():
         if value is not None:
             p[key] = value

@@ -1,0 +1,74 @@
+"""Shared fixtures: seeded clustered embeddings with a brute-force oracle, and a real GCS emulator."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+
+def clustered(n, dim, clusters, seed, noise=0.3):
+    """Unit vectors in ``clusters`` Gaussian blobs; labels are the blob ids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centres[labels] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def oracle_topk(queries, items, ids, k):
+    """Brute force in float64: order by similarity desc, then id asc."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    s = q.astype(np.float64) @ items.astype(np.float64).T
+    ids = np.asarray(ids).astype(str)
+    out_ids, out_sims = [], []
+    for row in s:
+        order = np.lexsort((ids, -row))[:k]
+        out_ids.append(ids[order])
+        out_sims.append(row[order])
+    return np.array(out_ids, dtype=object), np.array(out_sims)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A gcp-storage-emulator on loopback; yields a fresh ``gs://`` bucket URL per session."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bucket = "vismem-test"
+    exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    proc = subprocess.Popen(
+        [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", bucket, "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("gcp-storage-emulator did not start")
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    try:
+        yield f"gs://{bucket}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture
+def gcs_path(gcs_emulator):
+    return f"{gcs_emulator}/{uuid.uuid4().hex}"
