@@ -1,0 +1,55 @@
+"""The ``vismem`` console script, run as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from conftest import clustered
+from memory import schema, write_memory
+
+VISMEM = os.path.join(os.path.dirname(sys.executable), "vismem")
+
+
+def _run(*args):
+    return subprocess.run([VISMEM, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_query_writes_predictions_with_neighbours(tmp_path):
+    x, labels = clustered(500, 12, 3, seed=21, noise=0.1)
+    write_memory(str(tmp_path / "m"), x[:400], labels[:400], [f"m{i}" for i in range(400)],
+                 num_shards=2, class_names=["x", "y", "z"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table([f"q{i}" for i in range(100)], x[400:], labels[400:]))
+    out = tmp_path / "preds.parquet"
+    res = _run("query", str(tmp_path / "m"), str(tmp_path / "q.parquet"), "--k", "7", "--method", "rank",
+               "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["queries"] == 100 and summary["top1_accuracy"] > 0.95
+    table = pq.read_table(out).to_pydict()
+    assert table["id"][:2] == ["q0", "q1"]
+    assert all(len(n) == 7 for n in table["neighbour_ids"])
+    assert np.mean(np.array(table["prediction"]) == labels[400:]) == summary["top1_accuracy"]
+    assert set(table["prediction_name"]) <= {"x", "y", "z"}
+
+    info = _run("info", str(tmp_path / "m"))
+    assert info.returncode == 0 and json.loads(info.stdout)["count"] == 400
+
+
+def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
+    res = _run("query", str(tmp_path / "missing"), str(tmp_path / "q.parquet"))
+    assert res.returncode == 2
+    assert "embedding shard not found" in res.stderr and "Traceback" not in res.stderr
+    x, labels = clustered(50, 12, 3, seed=22)
+    write_memory(str(tmp_path / "m"), x, labels, [f"m{i}" for i in range(50)], class_names=["x", "y", "z"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"), schema.embedding_table(["q"], x[:1, :6], [0]))
+    res = _run("query", str(tmp_path / "m"), str(tmp_path / "q.parquet"))
+    assert res.returncode == 2 and "shape (n, 12)" in res.stderr
+
+
+def test_help_teaches():
+    res = _run("query", "--help")
+    assert res.returncode == 0 and "example: vismem query" in res.stdout and "rank" in res.stdout
