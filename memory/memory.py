@@ -7,6 +7,7 @@ items, whatever the number of shards, equal similarities ordered by item id.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -135,7 +136,8 @@ class Memory:
         """
         manifest = mf.read_manifest(path, version)
         shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in manifest["shards"]]
-        return cls(path, manifest, shards, executor or ThreadFanout(min(len(shards) or 1, 8)))
+        # One thread per core at most: each shard search is itself multi-threaded (BLAS, ScaNN).
+        return cls(path, manifest, shards, executor or ThreadFanout(min(len(shards) or 1, os.cpu_count() or 1)))
 
     def close(self):
         self.executor.close()
@@ -177,14 +179,19 @@ class Memory:
             raise ValueError(f"memory {self.root} (version {self.version}) is empty: nothing to search")
         return normalise(q, what="queries")
 
-    def search(self, queries, k: int) -> Neighbours:
+    def search(self, queries, k: int, *, leaves_to_search: int | None = None,
+               reorder: int | None = None) -> Neighbours:
         """The global top-k neighbours of each query over all shards, best first.
+
+        ``leaves_to_search`` and ``reorder`` override each ScaNN shard's build-time settings (trading
+        recall for speed); the exact backend ignores them.
 
         Raises:
             ValueError: wrong dimension, NaN/inf or zero queries, k < 1, or an empty memory.
         """
         q = self._queries(queries, k)
-        results = self.executor.map(lambda shard: shard.search(q, k), self.shards)
+        knobs = {key: v for key, v in (("leaves_to_search", leaves_to_search), ("reorder", reorder)) if v}
+        results = self.executor.map(lambda shard: shard.search(q, k, **knobs), self.shards)
         sims, ids, labels, weights = merge_topk(results, k)
         return Neighbours(ids=ids, labels=labels, sims=sims, weights=weights)
 

@@ -107,9 +107,9 @@ class Shard:
             if downloaded:  # both backends load their files fully into memory
                 shutil.rmtree(local, ignore_errors=True)
 
-    def search(self, queries: np.ndarray, k: int):
-        """``(sims, ids, labels, weights, shard-local rows)`` of this shard's top-k, best first."""
-        sims, rows = self.index.search(queries, k)
+    def search(self, queries: np.ndarray, k: int, **knobs):
+        """``(sims, ids, labels, weights)`` of this shard's top-k, best first."""
+        sims, rows = self.index.search(queries, k, **knobs)
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
         ids = np.where(valid, self.ids[safe], "")

@@ -1,0 +1,185 @@
+"""Search benchmark: the memory (exact and ScaNN, 1 and 8 shards) against faiss, hnswlib and raw ScaNN.
+
+Run: ``make bench`` (or ``.venv/bin/python benchmarks/search.py --help``). Every method runs in this
+one process, side by side, on the same data, so ratios are meaningful on a noisy machine. Default:
+1M x 128 unit vectors in 1,000 Gaussian clusters (seeded), 10k queries, k = 10 and 100, 2 threads.
+Expect about 20-30 minutes on 2 cores (index builds dominate: hnswlib alone takes several minutes).
+Writes ``bench-out/search.json`` and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memory import Memory, write_memory  # noqa: E402
+from memory.backends import scann_params  # noqa: E402
+from memory.fanout import SerialFanout  # noqa: E402
+
+
+def make_data(n, dim, clusters, queries, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    def draw(m):
+        c = rng.integers(0, clusters, m)
+        x = centres[c] + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), c
+    x, labels = draw(n)
+    q, _ = draw(queries)
+    return x, labels % 1000, q
+
+
+def timed(fn, repeat=1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def recall(got, truth, k):
+    return float(np.mean([len(set(g[:k]) & set(t[:k])) / k for g, t in zip(got, truth)]))
+
+
+def sgemm_bound(dim, n, queries, threads):
+    import torch
+    torch.set_num_threads(threads)
+    a = torch.randn(1024, dim)
+    b = torch.randn(dim, 8192)
+    out = torch.empty(1024, 8192)
+    torch.mm(a, b, out=out)
+    secs, _ = timed(lambda: [torch.mm(a, b, out=out) for _ in range(20)], repeat=5)
+    flops = 20 * 2 * 1024 * dim * 8192 / secs
+    return flops, flops / (2 * n * dim)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="memory items")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma list of methods to skip: hnswlib,faiss-ivf,exact,scann")
+    ap.add_argument("--out", default="bench-out/search.json")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    import faiss
+    import torch
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    x, labels, q = make_data(args.n, args.dim, args.clusters, args.queries, seed=0)
+    ids = np.array([f"{i:08d}" for i in range(args.n)], dtype=object)  # id order = row order
+    rows = []
+
+    def add(method, k, rec, secs, note=""):
+        rows.append({"method": method, "k": k, "recall@10": round(rec, 4), "qps": round(args.queries / secs, 1),
+                     "note": note})
+        print(f"{method:45s} k={k:<4d} recall@10={rec:.4f} qps={args.queries / secs:10.1f} {note}", flush=True)
+
+    flops, bound_qps = sgemm_bound(args.dim, args.n, args.queries, args.threads)
+    rows.append({"method": "sgemm bound (exact)", "k": 0, "recall@10": 1.0, "qps": round(bound_qps, 1),
+                 "note": f"{flops / 1e9:.0f} GFLOP/s"})
+    print(f"sgemm {flops / 1e9:.0f} GFLOP/s -> bound {bound_qps:.0f} q/s", flush=True)
+
+    index = faiss.IndexFlatIP(args.dim)
+    index.add(x)
+    truth = {}
+    for k in (10, 100):
+        secs, (_, truth_rows) = timed(lambda: index.search(q, k))
+        truth[k] = truth_rows
+        add("faiss IndexFlatIP", k, 1.0, secs)
+    truth10 = truth[10]
+    del index
+
+    tmp = tempfile.mkdtemp(prefix="vismem-bench-")
+    if "exact" not in skip:
+        for shards in (1, 8):
+            path = os.path.join(tmp, f"exact-{shards}")
+            write_memory(path, x, labels, ids, num_shards=shards, class_names=[str(i) for i in range(1000)])
+            executors = {"threads": None} if shards == 1 else {"threads": None, "serial": SerialFanout()}
+            for ex_name, executor in executors.items():
+                with Memory.open(path, verify=False, executor=executor) as mem:
+                    for k in (10, 100):
+                        secs, nb = timed(lambda: mem.search(q, k))
+                        got = nb.ids.astype(np.int64)
+                        add(f"memory exact, {shards} shard(s)", k, recall(got, truth10, 10), secs,
+                            f"fan-out: {ex_name}" if shards > 1 else "")
+
+    if "scann" not in skip:
+        import scann
+        p = scann_params(args.n, args.dim)
+        leaves = p["num_leaves"]
+        t = time.perf_counter()
+        raw = (scann.scann_ops_pybind.builder(x, 10, "dot_product")
+               .tree(num_leaves=leaves, num_leaves_to_search=p["num_leaves_to_search"],
+                     training_sample_size=p["training_sample_size"])
+               .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(100).build())
+        print(f"raw ScaNN build {time.perf_counter() - t:.1f}s ({leaves} leaves)", flush=True)
+        sweep = [2, 4, 8, 16, 32, 64]
+        for ls in sweep:
+            secs, (got, _) = timed(lambda: raw.search_batched_parallel(q, 10, leaves_to_search=ls,
+                                                                       pre_reorder_num_neighbors=100), repeat=3)
+            add("raw ScaNN searcher", 10, recall(got, truth10, 10), secs, f"leaves {ls}/{leaves}")
+        del raw
+        for shards in (1, 8):
+            path = os.path.join(tmp, f"scann-{shards}")
+            t = time.perf_counter()
+            write_memory(path, x, labels, ids, num_shards=shards, backend="scann",
+                         class_names=[str(i) for i in range(1000)])
+            print(f"scann memory build, {shards} shards: {time.perf_counter() - t:.1f}s", flush=True)
+            with Memory.open(path, verify=False) as mem:
+                shard_leaves = mem.manifest["shards"][0]["params"]["num_leaves"]
+                for ls in sweep:
+                    # Same share of each shard's leaves as the unsharded index searches.
+                    lss = max(1, round(ls * shard_leaves / leaves))
+                    secs, nb = timed(lambda: mem.search(q, 10, leaves_to_search=lss, reorder=100), repeat=3)
+                    add(f"memory scann, {shards} shard(s)", 10, recall(nb.ids.astype(np.int64), truth10, 10),
+                        secs, f"leaves {lss}/{shard_leaves} per shard")
+
+    if "faiss-ivf" not in skip:
+        t = time.perf_counter()
+        base = faiss.index_factory(args.dim, "IVF1000,PQ64x4fs", faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexRefineFlat(base)
+        ivf.train(x[:200_000] if args.n > 200_000 else x)
+        ivf.add(x)
+        print(f"faiss IVF build {time.perf_counter() - t:.1f}s", flush=True)
+        for nprobe in (1, 2, 4, 8, 16, 32):
+            faiss.extract_index_ivf(base).nprobe = nprobe
+            ivf.k_factor = 10  # refine 100 candidates for k=10
+            secs, (_, got) = timed(lambda: ivf.search(q, 10), repeat=3)
+            add("faiss IVF1000 PQ64x4fs + refine 100", 10, recall(got, truth10, 10), secs, f"nprobe {nprobe}")
+        del ivf
+
+    if "hnswlib" not in skip:
+        import hnswlib
+        t = time.perf_counter()
+        h = hnswlib.Index(space="ip", dim=args.dim)
+        h.init_index(max_elements=args.n, M=16, ef_construction=100)
+        h.set_num_threads(args.threads)
+        h.add_items(x, np.arange(args.n))
+        print(f"hnswlib build {time.perf_counter() - t:.1f}s", flush=True)
+        for ef in (32, 64, 128, 256):
+            h.set_ef(ef)
+            secs, (got, _) = timed(lambda: h.knn_query(q, k=10), repeat=3)
+            add("hnswlib M=16", 10, recall(got, truth10, 10), secs, f"ef {ef}")
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print("\n| method | k | recall@10 | queries/s | setting |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['method']} | {r['k'] or ''} | {r['recall@10']} | {r['qps']} | {r['note']} |")
+
+
+if __name__ == "__main__":
+    main()
