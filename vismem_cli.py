@@ -7,8 +7,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deploy import cli as deploy_cli
+    from eval import cli as eval_cli
+    from eval.experiments import cli as experiment_cli
     from memory import cli as memory_cli
-    from pipelines import demo
+    from pipelines import build_cli, demo
+    from pipelines import cli as pipelines_cli
 
     parser = argparse.ArgumentParser(
         prog="vismem",
@@ -17,7 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'vismem VERB --help' for each verb's options and an example.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
+    pipelines_cli.add_parsers(sub)
+    build_cli.add_parsers(sub)
     memory_cli.add_parsers(sub)
+    eval_cli.add_parsers(sub)
+    experiment_cli.add_parsers(sub)
+    deploy_cli.add_parsers(sub)
     demo.add_parser(sub)
     return parser
 

@@ -125,11 +125,12 @@ def main(argv=None):
                      training_sample_size=p["training_sample_size"])
                .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(100).build())
         print(f"raw ScaNN build {time.perf_counter() - t:.1f}s ({leaves} leaves)", flush=True)
-        sweep = [2, 4, 8, 16, 32, 64]
-        for ls in sweep:
+        # (leaves searched, candidates reordered exactly): recall is capped by the reorder depth.
+        sweep = [(2, 100), (4, 100), (8, 100), (2, 200), (4, 200), (8, 200), (4, 400), (8, 400), (16, 400)]
+        for ls, ro in sweep:
             secs, (got, _) = timed(lambda: raw.search_batched_parallel(q, 10, leaves_to_search=ls,
-                                                                       pre_reorder_num_neighbors=100), repeat=3)
-            add("raw ScaNN searcher", 10, recall(got, truth10, 10), secs, f"leaves {ls}/{leaves}")
+                                                                       pre_reorder_num_neighbors=ro), repeat=3)
+            add("raw ScaNN searcher", 10, recall(got, truth10, 10), secs, f"leaves {ls}/{leaves}, reorder {ro}")
         del raw
         for shards in (1, 8):
             path = os.path.join(tmp, f"scann-{shards}")
@@ -139,12 +140,13 @@ def main(argv=None):
             print(f"scann memory build, {shards} shards: {time.perf_counter() - t:.1f}s", flush=True)
             with Memory.open(path, verify=False) as mem:
                 shard_leaves = mem.manifest["shards"][0]["params"]["num_leaves"]
-                for ls in sweep:
+                for ls, ro in sweep:
                     # Same share of each shard's leaves as the unsharded index searches.
                     lss = max(1, round(ls * shard_leaves / leaves))
-                    secs, nb = timed(lambda: mem.search(q, 10, leaves_to_search=lss, reorder=100), repeat=3)
+                    ros = max(10, ro // shards) if shards > 1 else ro
+                    secs, nb = timed(lambda: mem.search(q, 10, leaves_to_search=lss, reorder=ros), repeat=3)
                     add(f"memory scann, {shards} shard(s)", 10, recall(nb.ids.astype(np.int64), truth10, 10),
-                        secs, f"leaves {lss}/{shard_leaves} per shard")
+                        secs, f"leaves {lss}/{shard_leaves}, reorder {ros} per shard")
 
     if "faiss-ivf" not in skip:
         t = time.perf_counter()
@@ -153,11 +155,13 @@ def main(argv=None):
         ivf.train(x[:200_000] if args.n > 200_000 else x)
         ivf.add(x)
         print(f"faiss IVF build {time.perf_counter() - t:.1f}s", flush=True)
-        for nprobe in (1, 2, 4, 8, 16, 32):
+        # (nprobe, candidates refined exactly), the same trade-off as ScaNN's (leaves, reorder).
+        for nprobe, refine in ((2, 100), (4, 100), (4, 200), (8, 200), (4, 400), (8, 400), (16, 400), (16, 800)):
             faiss.extract_index_ivf(base).nprobe = nprobe
-            ivf.k_factor = 10  # refine 100 candidates for k=10
+            ivf.k_factor = refine / 10
             secs, (_, got) = timed(lambda: ivf.search(q, 10), repeat=3)
-            add("faiss IVF1000 PQ64x4fs + refine 100", 10, recall(got, truth10, 10), secs, f"nprobe {nprobe}")
+            add("faiss IVF1000 PQ64x4fs + refine", 10, recall(got, truth10, 10), secs,
+                f"nprobe {nprobe}, refine {refine}")
         del ivf
 
     if "hnswlib" not in skip:
@@ -168,7 +172,7 @@ def main(argv=None):
         h.set_num_threads(args.threads)
         h.add_items(x, np.arange(args.n))
         print(f"hnswlib build {time.perf_counter() - t:.1f}s", flush=True)
-        for ef in (32, 64, 128, 256):
+        for ef in (64, 128, 256, 512):
             h.set_ef(ef)
             secs, (got, _) = timed(lambda: h.knn_query(q, k=10), repeat=3)
             add("hnswlib M=16", 10, recall(got, truth10, 10), secs, f"ef {ef}")

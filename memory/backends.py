@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from memory.topk import order_best_first
 
@@ -32,31 +32,30 @@ def _pad(sims, rows, k):
     return np.concatenate([sims, pad_s], axis=1), np.concatenate([rows, pad_r], axis=1)
 
 
-class Index:
+class Index(Protocol):
     """The contract every backend fulfils."""
 
     name: str
 
     @classmethod
     def build(cls, embeddings: np.ndarray, docids: list[str], params: dict | None = None) -> "Index":
-        raise NotImplementedError
+        """Build from L2-normalised float32 rows; ``docids`` are the item ids in row order."""
 
     @classmethod
     def load(cls, directory: str, params: dict) -> "Index":
-        raise NotImplementedError
+        """Load from a local shard directory written by :meth:`save` and the shard writer."""
 
     def save(self, directory: str) -> None:
-        raise NotImplementedError
+        """Write the backend's own files into a local shard directory."""
 
     def search(self, queries: np.ndarray, k: int, **knobs) -> tuple[np.ndarray, np.ndarray]:
         """``knobs`` are backend search settings (ScaNN: ``leaves_to_search``, ``reorder``)."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of items."""
 
 
-class ExactIndex(Index):
+class ExactIndex:
     """Brute force over every item, with exact ties: equal similarities ordered by row (= id order).
 
     Two kernels, chosen by storage dtype:
@@ -65,7 +64,7 @@ class ExactIndex(Index):
       built in memory from ``embeddings.npy`` at load time. Measured here at 1M x 128 it runs at
       about 1.3x faiss ``IndexFlatIP``, ahead of the torch kernel below (about 0.8x).
     - ``float16``: half the memory; ``queries @ items.T`` in float32 over blocks with a running
-      top-k (:func:`_select`).
+      top-k (:mod:`memory.exact_kernel`, which imports torch only when used).
 
     Either way one extra candidate is fetched; when it ties the k-th, that query is re-scored over
     all items with one consistent kernel and cut by (similarity desc, row asc).
@@ -79,9 +78,9 @@ class ExactIndex(Index):
             raise ValueError(f"exact backend storage dtype must be float32 or float16, got {dtype!r}")
         self.dtype = dtype
         self.embeddings = np.ascontiguousarray(embeddings, dtype=dtype)
-        self._items = torch.from_numpy(self.embeddings)
         self.query_block = int(query_block)
         self.item_block = int(item_block)
+        self._torch = None  # memory.exact_kernel.BlockedKernel, made on first use (imports torch)
         self._scann = None
         if dtype == "float32" and len(self.embeddings):
             import scann
@@ -100,22 +99,18 @@ class ExactIndex(Index):
         return cls(emb, dtype=params.get("dtype", str(emb.dtype)))
 
     def save(self, directory):
-        # The embeddings file is written by the shard writer for every backend; nothing else here.
-        pass
+        """Nothing of its own: ``embeddings.npy``, which the shard writer writes for every backend, is the index."""
 
     def __len__(self):
         return self.embeddings.shape[0]
 
-    def _block_scores(self, qb, i0, buf=None):
-        items = self._items[i0:i0 + self.item_block]
-        if items.dtype != torch.float32:
-            items = items.float()
-        if buf is None:
-            return qb @ items.T
-        # Writing into one preallocated buffer avoids a fresh multi-MB allocation (and its page
-        # faults) per block, which otherwise costs a third of the matrix product's time.
-        out = buf[: qb.shape[0] * items.shape[0]].view(qb.shape[0], items.shape[0])
-        return torch.mm(qb, items.T, out=out)
+    @property
+    def kernel(self):
+        if self._torch is None:
+            from memory.exact_kernel import BlockedKernel
+
+            self._torch = BlockedKernel(self.embeddings, self.query_block, self.item_block)
+        return self._torch
 
     def search(self, queries, k, **knobs):
         # Exact search has no accuracy knobs; approximate-search settings are accepted and ignored.
@@ -127,19 +122,9 @@ class ExactIndex(Index):
             rows, sims = self._scann.searcher.search_batched(q, keep, -1, -1, True, 256)
             s, r = self._exact_ties(q, np.asarray(sims, np.float32), np.asarray(rows, np.int64), kk)
             return _pad(s, r, k)
-        out_s = np.empty((len(q), kk), dtype=np.float32)
-        out_r = np.empty((len(q), kk), dtype=np.int64)
-        qt = torch.from_numpy(q)
-        buf = torch.empty(min(self.query_block, len(q)) * min(self.item_block, n))
-        for q0 in range(0, len(q), self.query_block):
-            qb = qt[q0:q0 + self.query_block]
-            best_s = torch.full((len(qb), keep), -math.inf)
-            best_r = torch.full((len(qb), keep), -1, dtype=torch.int64)
-            for i0 in range(0, n, self.item_block):
-                best_s, best_r = _select(self._block_scores(qb, i0, buf), i0, best_s, best_r)
-            s, r = self._exact_ties(qb.numpy(), best_s.numpy(), best_r.numpy(), kk)
-            out_s[q0:q0 + len(qb)], out_r[q0:q0 + len(qb)] = s, r
-        return _pad(out_s, out_r, k)
+        s, r = self.kernel.topk(q, keep)
+        s, r = self._exact_ties(q, s, r, kk)
+        return _pad(s, r, k)
 
     def _exact_ties(self, q, s, r, kk):
         """Order by (similarity desc, row asc); redo queries whose k-th place is tied, exactly."""
@@ -150,57 +135,13 @@ class ExactIndex(Index):
             if len(tied):
                 # Rare (duplicate vectors at the boundary). Re-score those queries over all items
                 # with one kernel, so equal vectors get bit-equal scores, and cut by (sim, row).
-                qt = torch.from_numpy(np.ascontiguousarray(q[tied], dtype=np.float32))
-                full = np.concatenate(
-                    [self._block_scores(qt, i0).numpy() for i0 in range(0, len(self), self.item_block)], axis=1)
+                full = self.kernel.all_scores(q[tied])
                 for j, i in enumerate(tied):
                     cut = np.partition(full[j], -kk)[-kk]
                     cand = np.flatnonzero(full[j] >= cut)
                     o = np.lexsort((cand, -full[j, cand]))[:kk]
                     s[i, :kk], r[i, :kk] = full[j, cand[o]], cand[o]
         return s[:, :kk], r[:, :kk]
-
-
-_GROUP = 64  # items per group in the threshold pre-filter of _select
-
-
-def _merge(best_s, best_r, s, r):
-    s, pos = torch.topk(torch.cat([best_s, s], 1), best_s.shape[1], dim=1)
-    return s, torch.gather(torch.cat([best_r, r], 1), 1, pos)
-
-
-def _select(scores, i0, best_s, best_r):
-    """Fold one block of scores ``(m, w)`` (item rows from ``i0``) into the running top-``K``.
-
-    A full top-k over every block costs nearly as much as the matrix product. Once the running
-    K-th best is known, few groups of items can beat it: a cheap max per group of 64 finds them,
-    and only those groups are selected from. Early blocks (nothing known yet) take the full path.
-    """
-    m, w = scores.shape
-    keep = best_s.shape[1]
-    groups = w // _GROUP
-    if groups >= 2 and w % _GROUP == 0:
-        view = scores.view(m, groups, _GROUP)
-        hit = view.amax(2) > best_s[:, -1:]
-        rows, grp = hit.nonzero(as_tuple=True)
-        if len(rows) == 0:
-            return best_s, best_r
-        if len(rows) <= m * groups // 8:
-            v = view[rows, grp]  # (hits, group): every item of each hit group is a candidate
-            idx = grp[:, None] * _GROUP + torch.arange(_GROUP) + i0
-            # Lay each row's hits side by side: hit h of row r goes to columns [h*G, (h+1)*G).
-            counts = torch.bincount(rows, minlength=m)
-            first = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(len(rows)) - first[rows]
-            width = int(counts.max()) * _GROUP
-            pad_s = torch.full((m, width), -math.inf)
-            pad_r = torch.full((m, width), -1, dtype=torch.int64)
-            cols = slot[:, None] * _GROUP + torch.arange(_GROUP)
-            pad_s[rows[:, None], cols] = v
-            pad_r[rows[:, None], cols] = idx
-            return _merge(best_s, best_r, pad_s, pad_r)
-    s, r = torch.topk(scores, min(keep, w), dim=1, sorted=False)
-    return _merge(best_s, best_r, s, r + i0)
 
 
 def scann_params(n: int, dim: int, overrides: dict | None = None) -> dict:
@@ -228,7 +169,7 @@ def scann_params(n: int, dim: int, overrides: dict | None = None) -> dict:
     return p
 
 
-class ScannIndex(Index):
+class ScannIndex:
     """A ScaNN searcher built with docids (so items can later be deleted by id), dot product."""
 
     name = "scann"
@@ -295,7 +236,7 @@ class ScannIndex(Index):
         return _pad(sims, rows, k)
 
 
-BACKENDS = {"exact": ExactIndex, "scann": ScannIndex}
+BACKENDS: dict[str, type[Index]] = {"exact": ExactIndex, "scann": ScannIndex}
 
 
 def backend(name: str) -> type[Index]:

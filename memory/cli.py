@@ -15,21 +15,21 @@ from memory.memory import Memory
 
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
-                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0) -> dict:
+                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
     When the query rows carry labels (>= 0), the summary includes top-1 accuracy over them.
     """
     from tqdm import tqdm
 
-    queries = schema.read_embeddings(queries_path)
+    queries = schema.read_embedding_shards(queries_path)
     with Memory.open(memory_path, version) as mem:
         n = len(queries["ids"])
         preds = np.empty(n, np.int64)
         nb_ids, nb_labels, nb_sims = [], [], []
         for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=n <= batch_size):
             res = mem.classify(queries["embeddings"][start:start + batch_size], k, method,
-                               alpha=alpha, tau=tau, xi=xi)
+                               alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards)
             preds[start:start + batch_size] = res.predictions
             nb_ids.append(res.neighbours.ids)
             nb_labels.append(res.neighbours.labels)
@@ -81,7 +81,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         epilog="example: vismem query /data/fmnist-memory test.parquet --k 50 --method rank --out preds.parquet",
     )
     q.add_argument("memory", help="memory directory or gs:// URL")
-    q.add_argument("queries", help="embedding shard (Parquet) with the query embeddings")
+    q.add_argument("queries", help="embedding shard(s) with the query embeddings: a Parquet file, a folder, or a glob")
     q.add_argument("--k", type=int, default=50, help="neighbours that vote (default 50)")
     q.add_argument("--method", choices=voting.METHODS, default="rank", help="voting rule (default rank)")
     q.add_argument("--alpha", type=float, default=2.0, help="rank voting offset: w = 1/(alpha + rank)")
@@ -89,10 +89,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--xi", type=float, default=1.0, help="distance voting exponent")
     q.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
     q.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
+    q.add_argument("--probe-shards", type=int, default=None,
+                   help="k-means memories: search each query only in the shards of its P nearest centroids")
     q.add_argument("--out", default=None, help="write predictions + neighbours to this Parquet file")
     q.set_defaults(func=lambda a: query_memory(
         a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
-        version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi))
+        version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards))
 
     i = sub.add_parser("info", help="show a memory's manifest summary",
                        description="Print a memory's version, format, backend, classes and shards as JSON.")

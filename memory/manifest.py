@@ -20,6 +20,10 @@ from memory import storage
 
 FORMAT = "vismem-memory"
 FORMAT_VERSION = 1
+# A version that records removals (tombstones, the forget list) is format 2, so that a reader that
+# knows nothing of removals refuses it instead of showing removed items again.
+REMOVALS_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, REMOVALS_FORMAT_VERSION)
 MANIFESTS = "manifests"
 _NAME = re.compile(r"^v(\d{8})\.json$")
 
@@ -48,9 +52,11 @@ def latest_version(root: str) -> int | None:
 
 def new_manifest(*, version, dim, class_names, backend, shards, encoder=None, partitioning=None,
                  parent_version=None, change="write", extra=None) -> dict:
+    extra = extra or {}
+    removals = bool(extra.get("tombstones") or extra.get("forget"))
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": REMOVALS_FORMAT_VERSION if removals else FORMAT_VERSION,
         "version": int(version),
         "parent_version": parent_version,
         "created_unix": time.time(),
@@ -63,7 +69,7 @@ def new_manifest(*, version, dim, class_names, backend, shards, encoder=None, pa
         "partitioning": partitioning or {"method": "hash"},
         "shards": shards,
         "count": int(sum(s["count"] for s in shards)),
-        **(extra or {}),
+        **extra,
     }
 
 
@@ -101,10 +107,10 @@ def read_manifest(root: str, version: int | None = None) -> dict:
         raise MemoryFormatError(f"{path} is corrupt: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MemoryFormatError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise MemoryFormatError(
-            f"{path} has format version {manifest.get('format_version')}; this vismem reads "
-            f"version {FORMAT_VERSION}. Upgrade vismem or rebuild the memory."
+            f"{path} has format version {manifest.get('format_version')}; this vismem reads versions "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. Upgrade vismem or rebuild the memory."
         )
     for key in ("dim", "class_names", "shards", "backend"):
         if key not in manifest:

@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
+from memory import leases, removals, storage, voting
 from memory import manifest as mf
-from memory import storage, voting
 from memory.backends import BACKENDS
 from memory.fanout import ThreadFanout
-from memory.partition import hash_partition
+from memory.partition import hash_partition, nearest_partitions
 from memory.shard import Shard, normalise, write_shard
 from memory.topk import merge_topk
 
@@ -115,32 +115,61 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
 class Memory:
     """An opened, pinned version of a memory. Use :meth:`open`."""
 
-    def __init__(self, root, manifest, shards, executor):
+    def __init__(self, root, manifest, shards, executor, lease=None):
         self.root = root
         self.manifest = manifest
         self.shards = shards
         self.executor = executor
+        self.lease = lease
 
     @classmethod
     def open(cls, path: str, version: int | None = None, *, verify: bool = True, executor=None,
-             cache_dir: str | None = None) -> "Memory":
+             cache_dir: str | None = None, lease_s: float | None = None, hosts: str = "local") -> "Memory":
         """Open ``version`` (default: the latest) of the memory at ``path``, checking every checksum.
+
+        Items the version records as removed (``memory.removals``) are excluded from every search.
 
         Args:
             executor: how shards are searched (default: a thread per core); see ``memory.fanout``.
             verify: check file checksums (sizes are always checked).
+            lease_s: hold a lease on the version for this many seconds (released by :meth:`close`),
+                so ``vismem gc`` keeps its files while this reader may still need them.
+            hosts: ``local`` loads every shard in this process; ``ray`` hosts each shard in a Ray
+                actor of the connected cluster (``ray.init`` first) for memories larger than one
+                machine. Search results are identical either way.
 
         Raises:
             FileNotFoundError: nothing published at ``path``, or no such version.
             MemoryFormatError: a corrupt or partial memory, or an unsupported format version.
         """
         manifest = mf.read_manifest(path, version)
-        shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in manifest["shards"]]
-        # One thread per core at most: each shard search is itself multi-threaded (BLAS, ScaNN).
-        return cls(path, manifest, shards, executor or ThreadFanout(min(len(shards) or 1, os.cpu_count() or 1)))
+        lease = leases.acquire(path, manifest["version"], lease_s) if lease_s else None
+        try:
+            if hosts == "local":
+                shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in manifest["shards"]]
+            elif hosts == "ray":
+                from memory.ray_shards import open_remote_shards
+
+                shards = open_remote_shards(path, manifest["shards"], verify=verify)
+            else:
+                raise ValueError(f"hosts must be 'local' or 'ray', got {hosts!r}")
+            removed = removals.tombstones_by_shard(path, manifest)
+            for shard in shards:
+                shard.exclude(removed.get(shard.entry["path"], ()))
+        except BaseException:
+            if lease:
+                leases.release(lease)
+            raise
+        # Local shards: one thread per core at most, each shard search is itself multi-threaded (BLAS,
+        # ScaNN). Ray-hosted shards: one waiting thread per shard, the work happens in the actors.
+        threads = len(shards) if hosts == "ray" else min(len(shards) or 1, os.cpu_count() or 1)
+        return cls(path, manifest, shards, executor or ThreadFanout(max(threads, 1)), lease)
 
     def close(self):
         self.executor.close()
+        if self.lease:
+            leases.release(self.lease)
+            self.lease = None
 
     def __enter__(self):
         return self
@@ -165,7 +194,8 @@ class Memory:
         return len(self.class_names)
 
     def __len__(self) -> int:
-        return sum(len(s.ids) for s in self.shards)
+        """Live items (removed ones not counted)."""
+        return sum(s.live_count for s in self.shards)
 
     def _queries(self, queries, k) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
@@ -180,29 +210,64 @@ class Memory:
         return normalise(q, what="queries")
 
     def search(self, queries, k: int, *, leaves_to_search: int | None = None,
-               reorder: int | None = None) -> Neighbours:
+               reorder: int | None = None, probe_shards: int | None = None) -> Neighbours:
         """The global top-k neighbours of each query over all shards, best first.
 
         ``leaves_to_search`` and ``reorder`` override each ScaNN shard's build-time settings (trading
-        recall for speed); the exact backend ignores them.
+        recall for speed); the exact backend ignores them. ``probe_shards=P`` on a k-means
+        partitioned memory searches each query only in the shards of its ``P`` nearest centroids
+        (all shards when ``P`` covers every partition).
 
         Raises:
-            ValueError: wrong dimension, NaN/inf or zero queries, k < 1, or an empty memory.
+            ValueError: wrong dimension, NaN/inf or zero queries, k < 1, an empty memory, or
+                ``probe_shards`` on a memory without centroids.
         """
         q = self._queries(queries, k)
         knobs = {key: v for key, v in (("leaves_to_search", leaves_to_search), ("reorder", reorder)) if v}
-        results = self.executor.map(lambda shard: shard.search(q, k, **knobs), self.shards)
+        route = self._route(q, probe_shards)
+        if route is None:
+            results = self.executor.map(lambda shard: shard.search(q, k, **knobs), self.shards)
+        else:
+            results = self.executor.map(lambda shard: _search_routed(shard, q, k, route, knobs), self.shards)
         sims, ids, labels, weights = merge_topk(results, k)
         return Neighbours(ids=ids, labels=labels, sims=sims, weights=weights)
 
+    def _route(self, q, probe_shards):
+        """``(Q, P)`` partitions each query visits, or None to visit every shard."""
+        if probe_shards is None:
+            return None
+        if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
+            raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
+        centroids = self.manifest.get("partitioning", {}).get("centroids")
+        if not centroids:
+            raise ValueError(
+                f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
+                f"{self.root} is partitioned by {self.manifest.get('partitioning', {}).get('method')!r}"
+            )
+        if probe_shards >= len(centroids):
+            return None
+        return nearest_partitions(q, centroids, probe_shards)
+
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
-                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0) -> Classification:
+                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
+                 probe_shards: int | None = None) -> Classification:
         """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``)."""
         if method not in voting.METHODS:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
-        nb = self.search(queries, k)
+        nb = self.search(queries, k, probe_shards=probe_shards)
         kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
                   alpha=alpha, tau=tau, xi=xi)
-        scores = voting.vote(nb.labels, nb.sims, **kw)
-        preds = voting.predict(nb.labels, nb.sims, **kw)
+        scores, preds = voting.vote_and_predict(nb.labels, nb.sims, **kw)
         return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names)
+
+
+def _search_routed(shard, q, k, route, knobs):
+    """One shard's top-k for the queries routed to its partition; padding for the others."""
+    sel = np.flatnonzero((route == shard.entry["partition"]).any(axis=1))
+    sims = np.full((len(q), k), -np.inf, np.float32)
+    ids = np.full((len(q), k), "", dtype=object)
+    labels = np.full((len(q), k), -1, np.int64)
+    weights = np.zeros((len(q), k), np.float32)
+    if len(sel):
+        sims[sel], ids[sel], labels[sel], weights[sel] = shard.search(q[sel], k, **knobs)
+    return sims, ids, labels, weights

@@ -11,8 +11,6 @@ Items table (one per memory shard, row ``i`` is index row ``i``): ``id``, ``labe
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,5 +140,33 @@ def items_table(ids, labels, weights, provenance) -> pa.Table:
     )
 
 
-def metadata_json(table: pa.Table) -> str:
-    return json.dumps({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
+def shard_files(path: str) -> list[str]:
+    """The embedding shards at ``path``: one file, every ``*.parquet`` under a folder, or a glob."""
+    fs, p = storage.filesystem(path)
+    proto = path.split("://", 1)[0] + "://" if storage.is_remote(path) else ""
+    if any(ch in p for ch in "*?["):
+        files = sorted(fs.glob(p))
+    elif fs.isdir(p):
+        files = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
+    else:
+        return [path]
+    if not files:
+        raise FileNotFoundError(f"no embedding shards (*.parquet) at {path}")
+    return [f if f.startswith(proto) else proto + f for f in files]
+
+
+def read_embedding_shards(path: str) -> dict:
+    """:func:`read_embeddings` over every shard at ``path`` (file, folder or glob), concatenated."""
+    parts = [read_embeddings(f) for f in shard_files(path)]
+    if len(parts) == 1:
+        return parts[0]
+    dims = {p["embeddings"].shape[1] for p in parts}
+    if len(dims) > 1:
+        raise ValueError(f"embedding shards at {path} disagree on the dimension: {sorted(dims)}")
+    return {
+        "ids": np.concatenate([p["ids"] for p in parts]),
+        "embeddings": np.concatenate([p["embeddings"] for p in parts]),
+        "labels": np.concatenate([p["labels"] for p in parts]),
+        "metadata": parts[0]["metadata"],
+        "provenance": {c: np.concatenate([p["provenance"][c] for p in parts]) for c in PROVENANCE_COLUMNS},
+    }

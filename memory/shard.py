@@ -81,6 +81,19 @@ class Shard:
                 f"shard {self.name}: index has {len(self.index)} rows, items table {len(self.ids)}, "
                 f"manifest says {entry['count']}"
             )
+        self.removed = np.zeros(len(self.ids), dtype=bool)  # tombstoned rows (memory.removals)
+
+    def exclude(self, ids) -> int:
+        """Mark items removed (by id, never by row): searches skip them. Returns how many matched."""
+        ids = set(ids)
+        if not ids:
+            return int(self.removed.sum())
+        self.removed |= np.fromiter((i in ids for i in self.ids), dtype=bool, count=len(self.ids))
+        return int(self.removed.sum())
+
+    @property
+    def live_count(self) -> int:
+        return len(self.ids) - int(self.removed.sum())
 
     @classmethod
     def open(cls, root: str, entry: dict, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
@@ -108,11 +121,55 @@ class Shard:
                 shutil.rmtree(local, ignore_errors=True)
 
     def search(self, queries: np.ndarray, k: int, **knobs):
-        """``(sims, ids, labels, weights)`` of this shard's top-k, best first."""
-        sims, rows = self.index.search(queries, k, **knobs)
+        """``(sims, ids, labels, weights)`` of this shard's top-k live items, best first.
+
+        With removed items the index is asked for more: first ``k`` plus at most ``max(k, 16)``
+        extra, doubling for as long as some query kept fewer than ``k`` live items, up to ``k`` plus
+        every removed row, which always holds ``k`` live ones. Removed items never come back.
+        """
+        dead = int(self.removed.sum())
+        if dead == 0:
+            sims, rows = self.index.search(queries, k, **knobs)
+        else:
+            n = len(self.ids)
+            want = min(k, n - dead)
+            fetch = min(n, k + min(dead, max(k, 16)))
+            while True:
+                sims, rows = self.index.search(queries, fetch, **knobs)
+                live = (rows >= 0) & ~self.removed[np.where(rows >= 0, rows, 0)]
+                if (live.sum(1) >= want).all() or fetch >= min(n, k + dead):
+                    break
+                fetch = min(n, k + dead, 2 * fetch)
+            first = np.argsort(~live, axis=1, kind="stable")[:, :k]  # live ones, in their order
+            live = np.take_along_axis(live, first, 1)
+            sims = np.where(live, np.take_along_axis(sims, first, 1), -np.inf).astype(np.float32)
+            rows = np.where(live, np.take_along_axis(rows, first, 1), -1)
+            if rows.shape[1] < k:
+                pad = k - rows.shape[1]
+                sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
         ids = np.where(valid, self.ids[safe], "")
         labels = np.where(valid, self.labels[safe], -1)
         weights = np.where(valid, self.weights[safe], 0.0).astype(np.float32)
         return sims, ids, labels, weights
+
+
+def read_items(root: str, entry: dict, columns=None):
+    """A shard's items table (optionally only ``columns``) as a pyarrow Table, read in place."""
+    fs, p = storage.filesystem(storage.join(root, entry["path"], ITEMS_FILE))
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_vectors(root: str, entry: dict, rows) -> np.ndarray:
+    """Stored (normalised) vectors of ``rows`` of a shard, as float32; local files are memory-mapped."""
+    path = storage.join(root, entry["path"], EMBEDDINGS_FILE)
+    if storage.is_remote(path):
+        import io
+
+        emb = np.load(io.BytesIO(storage.read_bytes(path)))
+    else:
+        emb = np.load(storage.filesystem(path)[1], mmap_mode="r")
+    return np.asarray(emb[np.asarray(rows)], dtype=np.float32)

@@ -123,3 +123,12 @@ def fetch_dir(src: str, files: list[str], cache_root: str | None = None) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(f"{p}/{rel}", target)
     return local
+
+
+def remove(path: str, recursive: bool = False) -> None:
+    """Delete a file (or a directory tree with ``recursive``); a missing path is not an error."""
+    fs, p = filesystem(path)
+    try:
+        fs.rm(p, recursive=recursive)
+    except FileNotFoundError:
+        pass

@@ -149,39 +149,56 @@ def vote(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, 
     return _scores_and_first_rank(labels, w, int(num_classes))[0]
 
 
-def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
-    """Predicted labels ``(Q,)``: the argmax of :func:`vote`, ties to the class seen first."""
+def vote_and_predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """``(scores (Q, C), predictions (Q,))`` in one pass: :func:`vote` and :func:`predict` together."""
     labels, w = _prepare(labels, sims, method, num_classes, k, weights, alpha, tau, xi)
     scores, first_rank = _scores_and_first_rank(labels, w, int(num_classes))
-    return _argmax_with_ties(scores, first_rank, labels.shape[1])
+    return scores, _argmax_with_ties(scores, first_rank, labels.shape[1])
+
+
+def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+    """Predicted labels ``(Q,)``: the argmax of :func:`vote`, ties to the class seen first."""
+    return vote_and_predict(labels, sims, method=method, num_classes=num_classes, k=k, weights=weights,
+                            alpha=alpha, tau=tau, xi=xi)[1]
 
 
 def predict_all_k(labels, sims, *, method, num_classes, weights=None, alpha=2.0, tau=0.07, xi=1.0):
     """Predictions for every ``k = 1..K`` at once: ``(Q, K)``, column ``k - 1`` is :func:`predict` at k.
 
     One pass over the neighbour columns with running class scores: after adding neighbour ``j``
-    only its class's score grew, so the leader either stays or becomes that class. Cost is
-    ``O(Q * K)`` vectorised steps instead of ``K`` full votes. When a query has fewer than k valid
-    neighbours, its prediction at k uses all it has.
+    only its class's score grew, so the leader either stays or becomes that class. Scores live in
+    per-query slots (one per distinct label among the K neighbours, at most K) rather than a
+    ``(Q, num_classes)`` matrix, so the pass stays in cache even with thousands of classes. When a
+    query has fewer than k valid neighbours, its prediction at k uses all it has.
     """
     labels, w = _prepare(labels, sims, method, num_classes, None, weights, alpha, tau, xi)
     q, kmax = labels.shape
+    # Slot of each neighbour: the index of its label among the row's distinct labels.
+    order = np.argsort(labels, axis=1, kind="stable")
+    sorted_labels = np.take_along_axis(labels, order, axis=1)
+    new_group = np.ones((q, kmax), dtype=bool)
+    new_group[:, 1:] = sorted_labels[:, 1:] != sorted_labels[:, :-1]
+    slot = np.empty((q, kmax), dtype=np.int64)
+    np.put_along_axis(slot, order, np.cumsum(new_group, axis=1) - 1, axis=1)
+    slot_label = np.full((q, kmax), EXCLUDED, dtype=np.int64)
+    np.put_along_axis(slot_label, slot, labels, axis=1)
+
     rows = np.arange(q)
-    scores = np.zeros((q, int(num_classes)), dtype=np.float64)
-    first_rank = np.full((q, int(num_classes)), kmax, dtype=np.int64)
-    leader = np.full(q, EXCLUDED, dtype=np.int64)
+    scores = np.zeros((q, kmax), dtype=np.float64)
+    first_rank = np.full((q, kmax), kmax, dtype=np.int64)
+    leader = np.full(q, -1, dtype=np.int64)  # a slot, -1 before any valid neighbour
     out = np.empty((q, kmax), dtype=np.int64)
+    # Column-major copies: each step reads one contiguous column.
+    valid_t, slot_t, w_t = np.ascontiguousarray((labels != EXCLUDED).T), np.ascontiguousarray(slot.T), np.ascontiguousarray(w.T)
     for j in range(kmax):
-        cls = labels[:, j]
-        valid = cls != EXCLUDED
-        c = np.where(valid, cls, 0)
-        scores[rows, c] += w[:, j]  # w is 0 where invalid
+        valid, c = valid_t[j], slot_t[j]
+        scores[rows, c] += w_t[j]  # w is 0 where invalid
         first_rank[rows, c] = np.where(valid, np.minimum(first_rank[rows, c], j), first_rank[rows, c])
         cand = scores[rows, c]
-        lead = np.where(leader >= 0, leader, 0)
+        lead = np.maximum(leader, 0)
         lead_score = np.where(leader >= 0, scores[rows, lead], -np.inf)
-        tie = np.isclose(cand, lead_score, rtol=_TIE_RTOL, atol=0.0)
+        tie = (leader >= 0) & (np.abs(cand - lead_score) <= _TIE_RTOL * np.abs(lead_score))
         wins = valid & ((cand > lead_score) & ~tie | tie & (first_rank[rows, c] < first_rank[rows, lead]))
         leader = np.where(wins, c, leader)
         out[:, j] = leader
-    return out
+    return np.where(out >= 0, np.take_along_axis(slot_label, np.maximum(out, 0), axis=1), EXCLUDED)

@@ -114,7 +114,7 @@ def test_corrupt_manifest_and_unknown_format_version(tmp_path, data):
     path = mf.manifest_path(root, 1)
     good = json.load(open(path))
     json.dump({**good, "format_version": 99}, open(path, "w"))
-    with pytest.raises(MemoryFormatError, match="format version 99; this vismem reads version 1"):
+    with pytest.raises(MemoryFormatError, match="format version 99; this vismem reads versions 1, 2"):
         Memory.open(root)
     open(path, "w").write('{"format": "vismem-memory", "shards": [')
     with pytest.raises(MemoryFormatError, match="is corrupt"):

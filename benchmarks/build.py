@@ -1,0 +1,144 @@
+"""Build benchmark: the Beam build against the memory core's writer called directly, remove, compact,
+and k-means routing (``--probe-shards``) against fan-out and one unsharded ScaNN searcher.
+
+Run: ``.venv/bin/python benchmarks/build.py`` (``--help`` for sizes). Default: the search benchmark's
+1M x 128 clustered unit vectors (seeded) in 16 embedding shards, 8 memory shards, ScaNN, the
+DirectRunner with 2 worker processes; 10k queries for routing. Everything runs in this one process
+and machine, side by side, so the ratios are meaningful on a noisy machine. Expect 20-40 minutes on
+2 cores (index builds dominate). Writes ``bench-out/build.json`` and prints a Markdown table.
+
+Targets (issue 4): Beam build wall time at most 1.5x the direct writer; with routing, at
+recall@10 >= 0.99, at least 0.9x the queries/s of the unsharded searcher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+
+from memory import Memory, schema, write_memory  # noqa: E402
+from memory.mutations import remove_items  # noqa: E402
+from pipelines.build import build_memory  # noqa: E402
+from pipelines.compact import compact_memory  # noqa: E402
+from search import make_data, recall  # noqa: E402  (benchmarks/search.py: the same data)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def write_inputs(folder, x, labels, files):
+    ids = np.array([f"x{i:08d}" for i in range(len(x))], dtype=object)
+    for f in range(files):
+        sl = slice(len(x) * f // files, len(x) * (f + 1) // files)
+        schema.write_embeddings(os.path.join(folder, f"part-{f:05d}.parquet"),
+                                schema.embedding_table(ids[sl], x[sl], labels[sl]))
+    return ids
+
+
+def direct_build(folder, out, shards, classes):
+    """The memory core's writer called directly: read every embedding shard, then write_memory."""
+    parts = [schema.read_embeddings(os.path.join(folder, f)) for f in sorted(os.listdir(folder))]
+    write_memory(out, np.concatenate([p["embeddings"] for p in parts]), np.concatenate([p["labels"] for p in parts]),
+                 np.concatenate([p["ids"] for p in parts]), num_shards=shards, backend="scann", class_names=classes)
+
+
+def search_qps(mem, q, k, **kw):
+    mem.search(q[:256], k, **kw)  # warm-up
+    secs, nb = timed(lambda: mem.search(q, k, **kw))
+    return len(q) / secs, nb.ids
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="memory items")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--files", type=int, default=16, help="embedding shards (input files)")
+    ap.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
+    ap.add_argument("--skip-routing", action="store_true", help="only the build / remove / compact timings")
+    ap.add_argument("--work-dir", default=None, help="where the memories go (default: a temporary folder)")
+    ap.add_argument("--out", default="bench-out/build.json")
+    args = ap.parse_args(argv)
+    pipe = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"]
+    work = args.work_dir or tempfile.mkdtemp(prefix="vismem-bench-build-")
+    os.makedirs(work, exist_ok=True)
+    x, labels, q = make_data(args.n, args.dim, args.clusters, args.queries, seed=0)
+    classes = [f"c{i}" for i in range(int(labels.max()) + 1)]
+    inputs = os.path.join(work, "emb")
+    os.makedirs(inputs, exist_ok=True)
+    ids = write_inputs(inputs, x, labels, args.files)
+    res = {"n": args.n, "dim": args.dim, "shards": args.shards, "files": args.files, "workers": args.workers}
+    print(f"data: {args.n} x {args.dim} in {args.files} files; building {args.shards} ScaNN shards", flush=True)
+
+    res["direct_writer_s"], _ = timed(lambda: direct_build(inputs, os.path.join(work, "direct"), args.shards, classes))
+    print(f"direct writer: {res['direct_writer_s']:.1f} s", flush=True)
+    res["beam_build_s"], summary = timed(lambda: build_memory(
+        inputs, os.path.join(work, "beam"), num_shards=args.shards, class_names=classes, backend="scann",
+        pipeline_args=pipe))
+    res["beam_over_direct"] = res["beam_build_s"] / res["direct_writer_s"]
+    res["bytes_per_item"] = summary["bytes_per_item"]
+    print(f"beam build: {res['beam_build_s']:.1f} s ({res['beam_over_direct']:.2f}x)", flush=True)
+
+    gone = ids[np.random.default_rng(1).choice(len(ids), len(ids) // 100, replace=False)]
+    res["remove_1pct_s"], _ = timed(lambda: remove_items(os.path.join(work, "beam"), ids=list(gone)))
+    with Memory.open(os.path.join(work, "beam")) as mem:
+        res["qps_after_remove"], got = search_qps(mem, q, 10)
+    assert not set(got.ravel()) & set(gone)
+    res["compact_s"], _ = timed(lambda: compact_memory(os.path.join(work, "beam"), pipeline_args=pipe))
+    print(f"remove 1%: {res['remove_1pct_s']:.2f} s; compact: {res['compact_s']:.1f} s", flush=True)
+    shutil.rmtree(os.path.join(work, "direct"), ignore_errors=True)
+
+    if not args.skip_routing:
+        import scann
+
+        truth_s = scann.scann_ops_pybind.builder(x, 10, "dot_product").score_brute_force().build()
+        truth, _ = truth_s.search_batched_parallel(q, 10)
+        truth = ids[np.asarray(truth)]
+        del truth_s
+        res["kmeans_build_s"], _ = timed(lambda: build_memory(
+            inputs, os.path.join(work, "kmeans"), num_shards=args.shards, class_names=classes, partition="kmeans",
+            backend="scann", pipeline_args=pipe))
+        write_memory(os.path.join(work, "one"), x, labels, ids, num_shards=1, backend="scann", class_names=classes)
+        rows = []
+        with Memory.open(os.path.join(work, "one")) as mem:
+            qps, got = search_qps(mem, q, 10)
+            rows.append({"method": "unsharded ScaNN (1 shard)", "recall@10": recall(got, truth, 10), "qps": qps})
+        with Memory.open(os.path.join(work, "kmeans")) as mem:
+            qps, got = search_qps(mem, q, 10)
+            rows.append({"method": f"k-means, fan-out to all {args.shards}", "recall@10": recall(got, truth, 10),
+                         "qps": qps})
+            for p in (1, 2, 4, args.shards):
+                qps, got = search_qps(mem, q, 10, probe_shards=p)
+                rows.append({"method": f"k-means, --probe-shards {p}", "recall@10": recall(got, truth, 10),
+                             "qps": qps})
+        res["routing"] = rows
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    json.dump(res, open(args.out, "w"), indent=1)
+    print("\n| step | seconds |\n| --- | --- |")
+    print(f"| direct writer (read + write_memory) | {res['direct_writer_s']:.1f} |")
+    print(f"| Beam build ({args.workers} workers) | {res['beam_build_s']:.1f} ({res['beam_over_direct']:.2f}x) |")
+    print(f"| remove 1% | {res['remove_1pct_s']:.2f} |\n| compact | {res['compact_s']:.1f} |")
+    if "routing" in res:
+        print("\n| search (k=10) | recall@10 | queries/s |\n| --- | --- | --- |")
+        for r in res["routing"]:
+            print(f"| {r['method']} | {r['recall@10']:.4f} | {r['qps']:,.0f} |")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""PNG plots of an evaluation (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, out_dir, name) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
+def write_eval_plots(out_dir, *, acc, hit, rel, rel_fit, cal, dist_in, dist_ood, sweeps) -> list:
+    names = []
+    ks = np.arange(1, len(hit) + 1)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, a in acc.items():
+        ax.plot(ks, 100 * a, label=method)
+    ax.set(xlabel="k (neighbours)", ylabel="top-1 accuracy (%)", title="Accuracy by voting rule (Figure 2)")
+    ax.set_xscale("log")
+    ax.legend()
+    names.append(_save(fig, out_dir, "accuracy_by_k.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, 100 * hit)
+    ax.set(xlabel="k", ylabel="hit rate (%)", title="True label among the first k neighbours")
+    ax.set_xscale("log")
+    names.append(_save(fig, out_dir, "hit_rate.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    i = np.arange(1, len(rel) + 1)
+    ax.plot(i, 100 * rel, ".", label="measured")
+    ax.plot(i, 100 * (rel_fit[0] * np.log(i) + rel_fit[1]), "k-", label=f"{rel_fit[0]:.3f} ln(i) + {rel_fit[1]:.3f}")
+    ax.set(xlabel="neighbour index i", ylabel="accuracy of neighbour i alone (%)", title="Neighbour reliability")
+    ax.legend()
+    names.append(_save(fig, out_dir, "reliability.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = sorted(cal["count"])
+    ax.plot(counts, [100 * cal["count"][c][0] for c in counts], "o-")
+    ax.set(xlabel="count of the plurality class among neighbours", ylabel="accuracy (%)", title="Calibration")
+    names.append(_save(fig, out_dir, "calibration.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    j = np.arange(1, len(dist_in) + 1)
+    ax.plot(j, dist_in, label="in distribution")
+    if dist_ood is not None:
+        ax.plot(j, dist_ood, label="out of distribution")
+    ax.set(xlabel="neighbour index", ylabel="mean cosine distance", title="Distance to the first neighbours")
+    ax.legend()
+    names.append(_save(fig, out_dir, "distances.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, method, param in zip(axes, ("rank", "softmax", "distance"), ("alpha", "tau", "xi")):
+        values = list(sweeps[method])
+        ax.plot(values, [100 * sweeps[method][v].max() for v in values], "o-", label="best k")
+        for k in (10, 50, 100):
+            if k <= len(ks):
+                ax.plot(values, [100 * sweeps[method][v][k - 1] for v in values], ".--", label=f"k={k}")
+        ax.set(xscale="log", xlabel=param, ylabel="accuracy (%)", title=f"{method} voting")
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    names.append(_save(fig, out_dir, "sweeps.png"))
+    return names

@@ -1,0 +1,254 @@
+"""Changing a memory: remove (unlearning), plan compaction, list versions, collect garbage.
+
+Every change publishes a new manifest version derived from its parent (``derive_manifest``);
+nothing already published is modified, so a reader pinned to a version is never affected. Remove
+only writes small state files and a manifest, so it is durable the moment it returns; the Beam jobs
+(``pipelines.build`` for build and add, ``pipelines.compact``) publish through the same helpers.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from memory import leases, removals, storage
+from memory import manifest as mf
+from memory.manifest import MemoryFormatError
+
+_SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})")
+_VERSION_DIR = re.compile(r"^v(\d{8})(?:\.|$)")
+
+
+def new_token() -> str:
+    """A short random name part that keeps two attempts at one version apart."""
+    return uuid.uuid4().hex[:8]
+
+
+def partition_of(entry: dict) -> int:
+    """The partition (hash bucket or k-means cell) a shard holds."""
+    if "partition" in entry:
+        return int(entry["partition"])
+    m = _SHARD_NAME.match(entry["name"])
+    if not m:
+        raise MemoryFormatError(f"shard {entry['name']!r} names no partition")
+    return int(m.group(1))
+
+
+def next_version(root: str) -> int:
+    latest = mf.latest_version(root)
+    return 1 if latest is None else latest + 1
+
+
+def derive_manifest(parent: dict, *, version: int, change: str, detail: dict, shards=None,
+                    tombstones="keep", forget="keep", class_names=None) -> dict:
+    """The manifest of ``version``: the parent's, with new shards and/or removal state."""
+    keep = {k: v for k, v in parent.items() if k in ("build",)}
+    extra = {**keep, "change_detail": detail}
+    for key, value in (("tombstones", tombstones), ("forget", forget)):
+        value = parent.get(key) if value == "keep" else value
+        if value:
+            extra[key] = value
+    shards = parent["shards"] if shards is None else shards
+    m = mf.new_manifest(
+        version=version, dim=parent["dim"], class_names=class_names or parent["class_names"],
+        backend=parent["backend"], shards=shards, encoder=parent.get("encoder"),
+        partitioning=parent.get("partitioning"), parent_version=parent["version"], change=change, extra=extra,
+    )
+    m["removed_count"] = int((m.get("tombstones") or {}).get("count", 0))
+    return m
+
+
+def read_id_file(path: str) -> list[str]:
+    """Ids from a Parquet file with an ``id`` column, or a text file with one id per line."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"id file not found: {path}")
+    if path.endswith(".parquet"):
+        fs, p = storage.filesystem(path)
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f, columns=["id"])
+        return [str(i) for i in table.column("id").to_pylist()]
+    lines = storage.read_bytes(path).decode().splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _items(root: str, entry: dict, columns) -> dict:
+    fs, p = storage.filesystem(storage.join(root, entry["path"], "items.parquet"))
+    with fs.open(p, "rb") as f:
+        table = pq.read_table(f, columns=list(columns))
+    return {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in columns}
+
+
+def select_for_removal(items: dict, *, ids=None, label=None, source=None) -> np.ndarray:
+    """Row mask of one shard's items matching exactly one of the removal selectors."""
+    if sum(x is not None for x in (ids, label, source)) != 1:
+        raise ValueError("give exactly one of ids, label or source to remove")
+    if ids is not None:
+        wanted = set(ids)
+        return np.fromiter((i in wanted for i in items["id"]), dtype=bool, count=len(items["id"]))
+    if label is not None:
+        return items["label"].astype(np.int64) == int(label)
+    return items["source"] == source
+
+
+def remove_items(root: str, *, ids=None, label: str | None = None, source: str | None = None,
+                 reason: str | None = None) -> dict:
+    """Remove items from the latest version: publish a version that tombstones them and forgets them.
+
+    Returns once the new manifest is written: every ``Memory.open`` from then on excludes the items
+    (searches still return k neighbours), and ``add`` refuses their ids unless re-admitted. Ids given
+    in ``ids`` that the memory does not hold are forgotten too (so they cannot be added later).
+
+    Raises:
+        ValueError: not exactly one selector, or an unknown class name.
+        FileNotFoundError: no memory at ``root``.
+    """
+    t0 = time.perf_counter()
+    parent = mf.read_manifest(root)
+    label_index = None
+    if label is not None:
+        if label not in parent["class_names"]:
+            raise ValueError(f"unknown class {label!r}; this memory's classes: {', '.join(parent['class_names'])}")
+        label_index = parent["class_names"].index(label)
+    how = f"ids ({len(ids)} given)" if ids is not None else f"label {label}" if label is not None else f"source {source}"
+    reason = reason or f"removed by {how}"
+    dead = removals.tombstones_by_shard(root, parent)
+    pairs = [(s, i) for s, items in dead.items() for i in items]
+    removed = []
+    for entry in parent["shards"]:
+        items = _items(root, entry, ("id", "label", "source"))
+        mask = select_for_removal(items, ids=ids, label=label_index, source=source)
+        already = dead.get(entry["path"], set())
+        hits = [i for i in items["id"][mask] if i not in already]
+        removed.extend(hits)
+        pairs.extend((entry["path"], i) for i in hits)
+    version = next_version(root)
+    forgotten = removals.forget_list(root, parent)
+    rows = list(zip(forgotten.column("id").to_pylist(), forgotten.column("version").to_pylist(),
+                    forgotten.column("reason").to_pylist()))
+    new_forget = [str(i) for i in (ids if ids is not None else removed)]
+    rows += [(i, version, reason) for i in new_forget]
+    token = new_token()
+    tomb = removals.write_table(root, removals.state_path(version, "tombstones.parquet", token),
+                                removals.tombstones_table(pairs))
+    forget = removals.write_table(root, removals.state_path(version, "forget.parquet", token),
+                                  removals.forget_table(rows))
+    not_found = sorted(set(ids) - set(removed)) if ids is not None else []
+    detail = {"removed": len(removed), "by": how, "reason": reason, "not_found": len(not_found)}
+    manifest = derive_manifest(parent, version=version, change="remove", detail=detail,
+                               tombstones=tomb, forget=forget)
+    mf.write_manifest(root, manifest)
+    return {"memory": root, "version": version, "parent_version": parent["version"], "removed": len(removed),
+            "not_found": len(not_found), "not_found_examples": not_found[:5],
+            "live_count": manifest["count"] - manifest["removed_count"], "seconds": time.perf_counter() - t0}
+
+
+def plan_compaction(manifest: dict, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
+    """Which shards to rewrite: ``[{partition, name, sources: [{entry, dead ids}]}]``.
+
+    A partition is rewritten when one of its shards holds removed items, or (``merge``) when it is
+    spread over several shards (``add`` writes new ones). Its rewritten shard takes the name a fresh
+    build gives that partition, so a compacted memory looks like one built from scratch.
+    """
+    num = int(manifest.get("partitioning", {}).get("num_shards") or len(manifest["shards"]))
+    by_part: dict[int, list] = {}
+    for entry in manifest["shards"]:
+        by_part.setdefault(partition_of(entry), []).append(entry)
+    groups = []
+    for part, entries in sorted(by_part.items()):
+        dirty = any(dead_by_shard.get(e["path"]) for e in entries)
+        if dirty or (merge and len(entries) > 1):
+            groups.append({"partition": part, "name": mf.shard_name(part, num),
+                           "sources": [{"entry": e, "dead": sorted(dead_by_shard.get(e["path"], ()))}
+                                       for e in entries]})
+    return groups
+
+
+def compacted_manifest(parent: dict, groups: list, new_entries: list, *, version: int, detail: dict) -> dict:
+    """The manifest after compaction: rewritten partitions replaced, their tombstones dropped.
+
+    ``new_entries`` are the shard entries the job wrote (a partition whose items were all removed
+    has none). Tombstones of shards not rewritten stay, in a new state file written by the caller.
+    """
+    replaced = {s["entry"]["path"] for g in groups for s in g["sources"]}
+    shards = [e for e in parent["shards"] if e["path"] not in replaced] + list(new_entries)
+    shards.sort(key=lambda e: (partition_of(e), e["name"]))
+    return derive_manifest(parent, version=version, change="compact", detail=detail, shards=shards,
+                           tombstones=None)
+
+
+def version_history(root: str) -> list[dict]:
+    """Every published version, oldest first, with what changed and the reader leases on it."""
+    held = leases.held_versions(root)
+    out = []
+    for v in mf.list_versions(root):
+        m = mf.read_manifest(root, v)
+        removed = int(m.get("removed_count", 0))
+        out.append({
+            "version": v, "parent_version": m.get("parent_version"), "change": m.get("change"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.get("created_unix", 0))),
+            "items": m["count"] - removed, "removed_pending_compaction": removed,
+            "forgotten": int((m.get("forget") or {}).get("count", 0)), "shards": len(m["shards"]),
+            "classes": len(m["class_names"]), "detail": m.get("change_detail", {}),
+            "leased": v in held,
+        })
+    return out
+
+
+def _version_of(dirname: str) -> int | None:
+    m = _VERSION_DIR.match(dirname)
+    return int(m.group(1)) if m else None
+
+
+def referenced_paths(manifest: dict) -> set[str]:
+    """Paths (relative to the memory) a version needs: its shard folders and state files."""
+    refs = {e["path"] for e in manifest["shards"]}
+    refs |= {manifest[k]["path"] for k in ("tombstones", "forget") if manifest.get(k)}
+    return refs
+
+
+def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
+    """Delete the files of all but the newest ``keep`` versions (never the latest, never a leased one).
+
+    Manifests go first, so no reader can open a version whose files are going; then every shard
+    folder and state file no kept version references. Leftovers of unfinished builds count as
+    garbage once a version at least as new as theirs is published (before that they may belong to
+    a build still running, and are reported as pending).
+    """
+    if keep < 1:
+        raise ValueError(f"--keep must be >= 1 (the current version is always kept), got {keep}")
+    versions = mf.list_versions(root)
+    if not versions:
+        raise FileNotFoundError(f"no memory at {root}")
+    latest = versions[-1]
+    held = leases.held_versions(root)
+    kept = sorted(set(versions[-keep:]) | {v for v in versions if v in held} | {latest})
+    refs = set()
+    for v in kept:
+        refs |= referenced_paths(mf.read_manifest(root, v))
+    deleted_versions = [v for v in versions if v not in kept]
+    if not dry_run:
+        for v in deleted_versions:
+            storage.remove(mf.manifest_path(root, v))
+    deleted, pending = [], []
+    for top in ("shards", "state"):
+        for d in storage.list_names(storage.join(root, top)):
+            dv = _version_of(d)
+            children = storage.list_names(storage.join(root, top, d))
+            doomed = [f"{top}/{d}/{c}" for c in children if f"{top}/{d}/{c}" not in refs]
+            if not doomed:
+                continue
+            if dv is None or dv > latest:
+                pending.extend(doomed)
+                continue
+            deleted.extend(doomed)
+            if not dry_run:
+                for rel in doomed:
+                    storage.remove(storage.join(root, rel), recursive=True)
+                if len(doomed) == len(children):
+                    storage.remove(storage.join(root, top, d), recursive=True)
+    return {"memory": root, "kept_versions": kept, "leased_versions": sorted(v for v in held if v in versions),
+            "deleted_versions": deleted_versions, "deleted_paths": len(deleted), "pending_paths": pending,
+            "dry_run": dry_run}

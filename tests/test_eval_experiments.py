@@ -1,0 +1,115 @@
+"""Each capability experiment on a tiny memory with a known answer."""
+import numpy as np
+
+from conftest import clustered
+from eval import hierarchy
+from eval.experiments import granularity, new_classes, pruning, scaling
+from eval.experiments.common import Split
+
+NAMES = [f"c{i}" for i in range(6)]
+
+
+def _splits(seed=41, noise=0.5):
+    x, labels = clustered(1500, 16, 6, seed=seed, noise=noise)
+    ids = np.array([f"i{i:05d}" for i in range(1500)], dtype=object)
+    return Split(x[:1200], labels[:1200], ids[:1200]), Split(x[1200:], labels[1200:], ids[1200:])
+
+
+def test_pruning_experiment_counts_and_excludes():
+    memory, queries = _splits()
+    # Flip 60 labels: mislabelled items collect wrong contributions and get pruned.
+    noisy = memory.labels.copy()
+    flip = np.arange(0, 1200, 20)
+    noisy[flip] = (noisy[flip] + 1) % 6
+    res = pruning.run(Split(memory.embeddings, noisy, memory.ids), queries, NAMES, k=10, self_k=10,
+                      hard_thresholds=(3, 6))
+    acc = res["figures"]["accuracy"]
+    assert acc["none"]["items_pruned"] == 0 and acc["hard v>=3"]["items_pruned"] >= 40
+    # Mislabelled items hurt plurality voting at k = 10 less once pruned.
+    assert acc["hard v>=3"]["plurality"] >= acc["none"]["plurality"]
+    assert acc["soft"]["rank"] >= acc["none"]["rank"] - 0.01
+    assert "| soft |" in res["report"]
+
+
+def test_scaling_experiment_error_falls_and_fit_follows():
+    memory, queries = _splits(noise=0.9)
+    res = scaling.run(memory, queries, NAMES, k=5, sizes=[12, 40, 150, 600, 1200])
+    err = res["figures"]["error_percent"]
+    assert err[0] > err[-1] and len(err) == 5
+    assert res["figures"]["a"] < 0  # error falls with memory size
+    assert "Fit `log10(e)" in res["report"]
+
+
+def test_new_classes_experiment_including_another_dataset():
+    memory, queries = _splits(noise=0.3)
+    # "Another dataset": two more clusters, split into memory items and queries.
+    other, other_labels = clustered(300, 16, 2, seed=77, noise=0.3)
+    other_ids = np.array([f"x{i}" for i in range(300)], dtype=object)
+    extra_mem = Split(other[:200], other_labels[:200], other_ids[:200])
+    extra_q = Split(other[200:], other_labels[200:], other_ids[200:])
+    res = new_classes.run(memory, queries, NAMES, ["c5"], k=5, extra=(extra_mem, extra_q, ["digit-0", "digit-1"]))
+    fig = res["figures"]
+    assert fig["new_classes"] == ["c5", "digit-0", "digit-1"]
+    assert fig["new_items_added"] == int((memory.labels == 5).sum()) + 200
+    assert fig["old_before"] > 0.95 and fig["new_after"] > 0.9
+    assert abs(fig["old_after"] - fig["old_before"]) < 0.02
+
+
+def test_granularity_experiment_places_unseen_class_in_its_group():
+    rng = np.random.default_rng(0)
+    centres = np.array([[1, 0, 0, 0], [0.9, 0.43, 0, 0], [0, 0, 1, 0], [0, 0, 0.9, 0.43]], dtype=float)
+    lab = np.repeat(np.arange(4), 80)
+    x = centres[lab] + 0.05 * rng.standard_normal((320, 4))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.array([f"i{i}" for i in range(320)], dtype=object)
+    mem, q = Split(x[::2], lab[::2], ids[::2]), Split(x[1::2], lab[1::2], ids[1::2])
+    tree = hierarchy.parse_tree({"name": "root", "children": [
+        {"name": "g0", "children": [{"name": "a"}, {"name": "b"}]},
+        {"name": "g1", "children": [{"name": "c"}, {"name": "d"}]}]})
+    res = granularity.run(mem, q, ["a", "b", "c", "d"], tree, "d", exemplars=(0, 5, 40), max_queries=20)
+    fig = res["figures"]
+    assert fig[0][0] == 1.0 and fig[0][1] == 0.0  # right group, but class d is unknown
+    assert fig[40] == [1.0, 1.0]
+
+
+def test_experiment_commands_write_report_parts(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from memory import schema
+
+    memory, queries = _splits(noise=0.5)
+    mem_dir = tmp_path / "mem"
+    mem_dir.mkdir()
+    for i in range(2):  # two shards in a directory, as the embedding job writes them
+        rows = slice(i * 600, (i + 1) * 600)
+        schema.write_embeddings(str(mem_dir / f"part-{i}.parquet"), schema.embedding_table(
+            memory.ids[rows], memory.embeddings[rows], memory.labels[rows]))
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table(queries.ids, queries.embeddings, queries.labels))
+    vismem = os.path.join(os.path.dirname(sys.executable), "vismem")
+    out = tmp_path / "report"
+    names = ",".join(NAMES)
+    for args in (["scaling"], ["pruning", "--thresholds", "3"], ["new-classes", "--new", "c1"]):
+        res = subprocess.run([vismem, "experiment", *args, str(mem_dir), str(tmp_path / "q.parquet"), "--out",
+                              str(out), "--class-names", names], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    report = open(out / "experiments.md").read()
+    for title in ("Memory-size scaling", "Memory pruning", "New classes without training"):
+        assert title in report
+    figures = json.load(open(out / "new-classes.json"))
+    assert figures["new_classes"] == ["c1"] and figures["new_items_added"] == int((memory.labels == 1).sum())
+
+
+def test_unlearning_experiment_forgets_exactly():
+    from eval.experiments import unlearning
+
+    memory, queries = _splits(noise=0.7)
+    res = unlearning.run(memory, queries, NAMES, forget_fraction=0.1, k=10, num_shards=3)
+    fig = res["figures"]
+    assert fig["forget_items"] > 80 and fig["removed"] == fig["forget_items"]
+    assert fig["forget_hits_before"] > 0 and fig["forget_hits_after"] == 0
+    assert fig["equals_rebuilt"] is True
+    assert "**yes**" in res["report"]

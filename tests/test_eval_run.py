@@ -1,0 +1,63 @@
+"""``vismem eval`` on a small memory: figures equal direct computations, plots and report written."""
+import json
+import os
+
+import numpy as np
+
+from conftest import clustered
+from eval.evaluate import evaluate
+from memory import schema, voting, write_memory
+
+
+def test_eval_writes_consistent_figures(tmp_path):
+    x, labels = clustered(2400, 16, 6, seed=31, noise=0.6)
+    write_memory(str(tmp_path / "m"), x[:2000], labels[:2000], [f"m{i}" for i in range(2000)], num_shards=3,
+                 class_names=[f"c{i}" for i in range(6)])
+    qpath, oodpath = str(tmp_path / "q.parquet"), str(tmp_path / "ood.parquet")
+    schema.write_embeddings(qpath, schema.embedding_table([f"q{i}" for i in range(400)], x[2000:], labels[2000:]))
+    ood, _ = clustered(50, 16, 3, seed=99)
+    schema.write_embeddings(oodpath, schema.embedding_table([f"o{i}" for i in range(50)], ood, [-1] * 50))
+    out = str(tmp_path / "eval")
+    summary = evaluate(str(tmp_path / "m"), qpath, out, k_max=40, ood_queries_path=oodpath)
+
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    by_k = {(r["method"], r["k"]): r["accuracy"] for r in records if r["figure"] == "accuracy_by_k"}
+    # The figure at k equals a direct vote with the memory's own search at that k.
+    from memory import Memory
+    with Memory.open(str(tmp_path / "m")) as mem:
+        nb = mem.search(x[2000:], 40)
+    for method in voting.METHODS:
+        for k in (1, 7, 40):
+            direct = (voting.predict(nb.labels, nb.sims, method=method, num_classes=6, k=k) == labels[2000:]).mean()
+            assert by_k[(method, k)] == direct
+        best = summary["best_k_on_eval_set"][method]
+        assert best["accuracy"] == max(by_k[(method, k)] for k in range(1, 41))
+    honest = [r for r in records if r["figure"] == "held_out_choice"]
+    assert len(honest) == 4 and all(r["tune_n"] + r["test_n"] == 400 for r in honest)
+    assert all(0.5 < r["test_accuracy"] <= 1.0 for r in honest)
+    hit = [r["value"] for r in records if r["figure"] == "hit_rate"]
+    assert all(b >= a for a, b in zip(hit, hit[1:])) and hit[0] == by_k[("plurality", 1)]
+    dist = [r for r in records if r["figure"] == "distance_by_neighbour"]
+    # Out-of-distribution queries sit farther from their neighbours than in-distribution ones.
+    assert all(r["out_of_distribution"] > r["in_distribution"] for r in dist)
+    report = open(os.path.join(out, "report.md")).read()
+    assert "Honest figure" in report
+    for r in honest:  # every held-out figure is in the report's table, in bold
+        assert f"**{r['test_accuracy']:.4f}**" in report
+    for name in ("accuracy_by_k.png", "hit_rate.png", "reliability.png", "calibration.png", "distances.png",
+                 "sweeps.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+
+
+def test_eval_refuses_unlabelled_queries(tmp_path):
+    x, labels = clustered(100, 8, 2, seed=5)
+    write_memory(str(tmp_path / "m"), x, labels, [f"m{i}" for i in range(100)], class_names=["a", "b"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"), schema.embedding_table(["q"], x[:1], [-1]))
+    try:
+        evaluate(str(tmp_path / "m"), str(tmp_path / "q.parquet"), str(tmp_path / "o"), k_max=5)
+    except ValueError as exc:
+        assert "no labelled rows" in str(exc)
+    else:
+        raise AssertionError("unlabelled queries were accepted")
