@@ -17,7 +17,7 @@ class SerialFanout:
         return [fn(s) for s in shards]
 
     def close(self):
-        pass
+        """Nothing to release: no threads of its own."""
 
 
 class ThreadFanout:

@@ -149,6 +149,8 @@ class Shard:
                 sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
                 rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         valid = rows >= 0
+        if valid.all():  # the common case: plain gathers, no masking passes
+            return sims, self.ids[rows], self.labels[rows], self.weights[rows]
         safe = np.where(valid, rows, 0)
         ids = np.where(valid, self.ids[safe], "")
         labels = np.where(valid, self.labels[safe], -1)

@@ -231,6 +231,8 @@ class EncoderWorker:
         self.processor = ShardProcessor(self.encoder, teacher_obj, LabelMap(label_map) if teacher else None,
                                         min_confidence=min_confidence, batch_size=batch_size, dtype=dtype,
                                         source_name=source_name)
+        # One batch through the network at the run's shape builds the kernels once, before any shard arrives.
+        self.encoder.embed(np.zeros((batch_size, image_size, image_size, 3), np.uint8))
         self.layout = outputs.OutputLayout(out)
         self.metadata = {"encoder": self.encoder.name, "encoder_version": self.encoder.version,
                          "image_size": self.encoder.image_size, "teacher": teacher_obj.name if teacher_obj else ""}

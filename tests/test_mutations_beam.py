@@ -85,3 +85,23 @@ def test_remove_add_compact_readmit(tmp_path):
     assert report["deleted_versions"] == [1, 2, 3, 4] and report["deleted_paths"] > 0
     with Memory.open(root) as mem:
         assert len(mem) == len(live) + 1 and not set(mem.search(q, 25).ids.ravel()) & set(gone[1:])
+
+
+def test_remove_add_compact_on_gcs(tmp_path, gcs_path):
+    x, labels = clustered(900, 12, 3, seed=81)
+    ids = np.array([f"g-{i:04d}" for i in range(900)], dtype=object)
+    write_memory(gcs_path, x[:700], labels[:700], ids[:700], num_shards=2, class_names=["a", "b", "c"])
+    q, _ = clustered(20, 12, 3, seed=82)
+    with Memory.open(gcs_path) as mem:
+        gone = sorted(set(mem.search(q, 3).ids.ravel()))
+    remove_items(gcs_path, ids=gone)
+    new = f"{gcs_path}-new/new.parquet"
+    schema.write_embeddings(new, schema.embedding_table(ids[700:], x[700:], labels[700:]))
+    assert add_to_memory(gcs_path, new, pipeline_args=["--runner=DirectRunner"])["items_added"] == 200
+    summary = compact_memory(gcs_path, pipeline_args=["--runner=DirectRunner"])
+    assert summary["changed"] and summary["items_dropped"] == len(gone)
+    live = np.flatnonzero(~np.isin(ids.astype(str), gone))
+    want, _ = oracle_topk(q, x[live], ids[live], 10)
+    with Memory.open(gcs_path) as mem:
+        assert mem.version == 4 and len(mem) == len(live)
+        np.testing.assert_array_equal(mem.search(q, 10).ids, want)
