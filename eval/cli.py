@@ -21,12 +21,26 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
+    p.add_argument("--rerank-endpoint", default=None,
+                   help="chat-completions URL of a vision-language model to re-rank neighbours (key from "
+                   "$VISMEM_RERANK_API_KEY)")
+    p.add_argument("--rerank-model", default=None, help="model name sent to the re-ranker")
+    p.add_argument("--rerank-k", type=int, default=50, help="neighbours shown to the re-ranker")
+    p.add_argument("--rerank-queries", type=int, default=200, help="queries sent to the re-ranker")
     p.add_argument("--ray-address", default=None,
                    help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
 
     def run(a):
         from eval.evaluate import evaluate
+        from eval.rerank import HttpVisionLanguageReranker
+
+        reranker = None
+        if a.rerank_endpoint:
+            if not a.rerank_model:
+                raise ValueError("--rerank-endpoint needs --rerank-model")
+            reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
         return evaluate(a.memory, a.queries, a.out, k_max=a.k_max, ood_queries_path=a.ood,
-                        batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address)
+                        batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address,
+                        reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries)
 
     p.set_defaults(func=run)

@@ -71,3 +71,31 @@ def test_reranker_errors_name_the_problem(server):
         HttpVisionLanguageReranker(server, "m", api_key="wrong").rerank(PNG, [Neighbour(PNG, "cat", 0.9)], ["cat"])
     with pytest.raises(ValueError, match="http\\(s\\) URL"):
         HttpVisionLanguageReranker("ftp://x", "m")
+
+
+def test_eval_reports_reranked_accuracy_beside_the_voting_rules(tmp_path, server):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import clustered
+    from memory import schema, write_memory
+
+    x, labels = clustered(500, 8, 3, seed=9, noise=0.4)
+    write_memory(str(tmp_path / "m"), x[:400], labels[:400], [f"m{i}" for i in range(400)], num_shards=2,
+                 class_names=["cat", "dog", "garbage-truck"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table([f"q{i}" for i in range(100)], x[400:], labels[400:]))
+    env = {**os.environ, "VISMEM_RERANK_API_KEY": "sekret"}
+    vismem = os.path.join(os.path.dirname(sys.executable), "vismem")
+    res = subprocess.run([vismem, "eval", str(tmp_path / "m"), str(tmp_path / "q.parquet"), "--out",
+                          str(tmp_path / "e"), "--k-max", "20", "--rerank-endpoint", server, "--rerank-model", "vlm",
+                          "--rerank-k", "5", "--rerank-queries", "30"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    rec = [r for r in map(json.loads, open(tmp_path / "e" / "metrics.jsonl")) if r["figure"] == "rerank"][0]
+    assert rec["queries"] == 30 and rec["k"] == 5
+    # The fake model answers with the 2nd neighbour's label: right for most queries of tight clusters.
+    assert 0.5 < rec["accuracy"] <= 1.0 and len(_VLM.seen) == 30
+    assert "**Re-ranked**" in open(tmp_path / "e" / "report.md").read()
