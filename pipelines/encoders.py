@@ -15,6 +15,7 @@ Names:
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 
@@ -39,7 +40,7 @@ HF_CHECKPOINTS = {
 }
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """The interface: ``name``, ``version``, ``dim``, ``image_size``; ``embed(images)``.
 
     Subclasses give ``model``, the per-channel normalisation in pixel units (``offset``, ``scale``:
@@ -79,8 +80,9 @@ class Encoder:
         scale = torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - offset) / scale
 
+    @abc.abstractmethod
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Pooled features ``(N, dim)`` of a preprocessed batch."""
 
     @torch.inference_mode()
     def embed_with_features(self, images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:

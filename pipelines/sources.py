@@ -12,6 +12,7 @@ Paths may be local or ``gs://`` URLs (fsspec/gcsfs).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import gzip
@@ -208,7 +209,7 @@ class Record:
     payload: object  # np.ndarray (already pixels) or bytes (an encoded image file)
 
 
-class Source:
+class Source(abc.ABC):
     """Lists input shards (driver side) and reads one shard's records (worker side)."""
 
     def __init__(self, spec: SourceSpec):
@@ -218,11 +219,13 @@ class Source:
     def class_names(self) -> list[str]:
         return []
 
+    @abc.abstractmethod
     def shards(self) -> list[InputShard]:
-        raise NotImplementedError
+        """The input shards: the unit of work and of resumption."""
 
+    @abc.abstractmethod
     def read(self, shard: InputShard):
-        raise NotImplementedError
+        """Yield the :class:`Record` of every item of ``shard``."""
 
     def _record(self, rid: str, uri: str, label: int, payload) -> Record:
         if label >= 0 and hidden(rid, self.spec.unlabelled_fraction):

@@ -14,6 +14,7 @@ Specs (``--teacher``):
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -81,7 +82,7 @@ def softmax_top1(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return cls.cpu().numpy().astype(np.int64), conf.cpu().numpy().astype(np.float32)
 
 
-class Teacher:
+class Teacher(abc.ABC):
     """The interface. ``name`` identifies it in outputs; ``num_classes`` bounds its label map."""
 
     name: str
@@ -91,8 +92,9 @@ class Teacher:
     def bind(self, encoder) -> None:
         """Called once per worker with the worker's encoder: share it or load a private one."""
 
+    @abc.abstractmethod
     def classify(self, images: np.ndarray, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """``(teacher class, probability)`` per image."""
 
 
 class ImageNetHeadTeacher(Teacher):
