@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 
 import re
@@ -291,7 +292,10 @@ class WriteShard(beam.DoFn):
             return
         t0 = time.perf_counter()
         name = c.shard_name(part)
-        rel = f"{c.shard_dir}/{name}"
+        # A folder per attempt: a runner may retry a bundle, and a retry must never overwrite files
+        # whose checksums another attempt's entry records. The manifest names the folder of the
+        # attempt it publishes; gc removes the others.
+        rel = f"{c.shard_dir}/{name}.{uuid.uuid4().hex[:8]}"
         entry = write_shard(
             storage.join(c.out, rel), batch["embeddings"], batch["ids"], batch["labels"], backend_name=c.backend,
             provenance={k: batch[k] for k in ("label_source", "confidence", "source", "uri")},

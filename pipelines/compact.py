@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 
 import apache_beam as beam
 import numpy as np
@@ -77,7 +78,8 @@ class CompactPartition(beam.DoFn):
         if n == 0:
             log.info("partition %d: every item removed, no shard left", group["partition"])
             return
-        rel = f"shards/v{c.version:08d}.{c.token}/{group['name']}"
+        # A folder per attempt (see pipelines.build.WriteShard): retried bundles never share one.
+        rel = f"shards/v{c.version:08d}.{c.token}/{group['name']}.{uuid.uuid4().hex[:8]}"
         entry = write_shard(
             storage.join(c.root, rel), np.concatenate([p["embeddings"] for p in parts]),
             np.concatenate([p["ids"] for p in parts]), np.concatenate([p["labels"] for p in parts]),
