@@ -71,3 +71,21 @@ def write_eval_plots(out_dir, *, acc, hit, rel, rel_fit, cal, dist_in, dist_ood,
         ax.legend(fontsize=7)
     names.append(_save(fig, out_dir, "sweeps.png"))
     return names
+
+
+def plot_scaling(out_dir, name, sizes, series) -> str:
+    """Error against memory size (log x), one line per series ``{label: (errors, a, b)}`` with its fit."""
+    from eval.scaling import predict_error
+
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = np.geomspace(max(min(sizes), 11), max(sizes), 100)
+    for label, (errors, a, b) in series.items():
+        line, = ax.plot(sizes, errors, "o", label=label)
+        if a is not None:
+            ax.plot(grid, predict_error(grid, a, b), "-", color=line.get_color(), alpha=0.6)
+    ax.set(xlabel="memory size M (items)", ylabel="top-1 error (%)", title="Scaling with memory size (Appendix E)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend()
+    return _save(fig, out_dir, name)

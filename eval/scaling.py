@@ -41,6 +41,19 @@ def predict_error(memory_sizes, a: float, b: float) -> np.ndarray:
     return 10.0 ** (a * _loglog(memory_sizes) + b)
 
 
+def size_for_error(error_percent, a: float, b: float) -> np.ndarray:
+    """Memory size at which the law ``(a, b)`` reaches ``error_percent`` (the inverse of :func:`predict_error`).
+
+    Used for the compute-memory trade-off: how large a memory a cheaper encoder needs to match a
+    stronger encoder's error. An extrapolation whenever the answer lies beyond the measured sizes.
+    """
+    e = np.asarray(error_percent, dtype=np.float64)
+    if np.any(e <= 0) or a >= 0:
+        raise ValueError("the inverse needs errors > 0 and a law whose error falls with size (a < 0)")
+    with np.errstate(over="ignore"):
+        return 10.0 ** (10.0 ** ((np.log10(e) - b) / a))
+
+
 def goodness_of_fit(memory_sizes, error_percent, a: float, b: float) -> dict:
     """R^2 in log space and the largest absolute error in percentage points."""
     e = np.asarray(error_percent, dtype=np.float64)

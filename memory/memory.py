@@ -227,26 +227,61 @@ class Memory:
         route = self._route(q, probe_shards)
         if route is None:
             results = self.executor.map(lambda shard: shard.search(q, k, **knobs), self.shards)
+            sims, ids, labels, weights = merge_topk(results, k)
         else:
-            results = self.executor.map(lambda shard: _search_routed(shard, q, k, route, knobs), self.shards)
-        sims, ids, labels, weights = merge_topk(results, k)
+            sims, ids, labels, weights = self._search_routed(q, k, route, knobs)
         return Neighbours(ids=ids, labels=labels, sims=sims, weights=weights)
 
     def _route(self, q, probe_shards):
-        """``(Q, P)`` partitions each query visits, or None to visit every shard."""
+        """``(Q, P)`` partitions each query visits, nearest first, or None to visit every shard."""
         if probe_shards is None:
             return None
         if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
             raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
-        centroids = self.manifest.get("partitioning", {}).get("centroids")
-        if not centroids:
+        part = self.manifest.get("partitioning", {})
+        if not part.get("centroids"):
             raise ValueError(
                 f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
-                f"{self.root} is partitioned by {self.manifest.get('partitioning', {}).get('method')!r}"
+                f"{self.root} is partitioned by {part.get('method')!r}"
             )
-        if probe_shards >= len(centroids):
+        cells = part.get("cell_partitions")
+        if probe_shards >= (max(cells) + 1 if cells else len(part["centroids"])):
             return None
-        return nearest_partitions(q, centroids, probe_shards)
+        return nearest_partitions(q, part["centroids"], probe_shards, cells)
+
+    def _search_routed(self, q, k, route, knobs):
+        """Each shard searches only the queries routed to its partition; the merge sees P lists per query.
+
+        Slot ``j`` of a query holds the results of its ``j``-th partition (all of that partition's
+        shards merged there, as ``add`` can spread a partition over several), so the merge is
+        ``P * k`` wide instead of ``shards * k``.
+        """
+        q_num, probe = route.shape
+        parts = [int(s.entry["partition"]) for s in self.shards]
+        per_part = {p: [] for p in parts}
+
+        def one(shard):
+            hit = route == int(shard.entry["partition"])
+            sel = np.flatnonzero(hit.any(axis=1))
+            return sel, hit[sel].argmax(axis=1), (shard.search(q[sel], k, **knobs) if len(sel) else None)
+
+        for shard, res in zip(self.shards, self.executor.map(one, self.shards)):
+            per_part[int(shard.entry["partition"])].append(res)
+        sims = np.full((q_num, probe * k), -np.inf, np.float32)
+        ids = np.full((q_num, probe * k), "", dtype=object)
+        labels = np.full((q_num, probe * k), -1, np.int64)
+        weights = np.zeros((q_num, probe * k), np.float32)
+        cols = np.arange(k)
+        for results in per_part.values():
+            results = [r for r in results if r[2] is not None]
+            if not results:
+                continue
+            sel, slot = results[0][0], results[0][1]  # every shard of a partition has the same routing
+            merged = merge_topk([r[2] for r in results], k) if len(results) > 1 else results[0][2]
+            rows, at = sel[:, None], slot[:, None] * k + cols[None, :]  # each shard pads its lists to k
+            for out, part in zip((sims, ids, labels, weights), merged):
+                out[rows, at] = part
+        return merge_topk([(sims, ids, labels, weights)], k)
 
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
@@ -259,15 +294,3 @@ class Memory:
                   alpha=alpha, tau=tau, xi=xi)
         scores, preds = voting.vote_and_predict(nb.labels, nb.sims, **kw)
         return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names)
-
-
-def _search_routed(shard, q, k, route, knobs):
-    """One shard's top-k for the queries routed to its partition; padding for the others."""
-    sel = np.flatnonzero((route == shard.entry["partition"]).any(axis=1))
-    sims = np.full((len(q), k), -np.inf, np.float32)
-    ids = np.full((len(q), k), "", dtype=object)
-    labels = np.full((len(q), k), -1, np.int64)
-    weights = np.zeros((len(q), k), np.float32)
-    if len(sel):
-        sims[sel], ids[sel], labels[sel], weights[sel] = shard.search(q[sel], k, **knobs)
-    return sims, ids, labels, weights

@@ -60,14 +60,83 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
     return c.astype(np.float32)
 
 
-def kmeans_partition(embeddings, centroids) -> np.ndarray:
-    """Shard of each (L2-normalised) row: its most similar centroid, ties to the lower shard."""
-    return (np.asarray(embeddings, np.float32) @ np.asarray(centroids, np.float32).T).argmax(1).astype(np.int64)
+def group_cells(centroids, counts, num_shards: int, *, slack: float = 0.1) -> np.ndarray:
+    """Shard of each k-means cell ``(C,)``: nearby cells together, every shard about equally full.
+
+    Cells (fine k-means centroids, unit rows) are grouped by a spherical k-means of the cells
+    themselves, then assigned greedily by (similarity to a group, descending) under a capacity of
+    ``(1 + slack)`` times an equal share of ``counts`` (the cells' sample sizes), so no shard is
+    overloaded; a cell that fits nowhere goes to the emptiest shard. Deterministic.
+    """
+    c = np.asarray(centroids, np.float64)
+    n_cells, s = len(c), int(num_shards)
+    if n_cells < s:
+        raise ValueError(f"{n_cells} k-means cells cannot fill {s} shards; use at least one cell per shard")
+    if n_cells == s:
+        return np.arange(s, dtype=np.int64)
+    counts = np.maximum(np.asarray(counts, np.float64), 1.0)
+    groups = train_kmeans(c, s, seed=0)
+    sims = c @ groups.T.astype(np.float64)
+    capacity = (1.0 + slack) * counts.sum() / s
+    load = np.zeros(s)
+    out = np.full(n_cells, -1, np.int64)
+    # Every shard first takes its most similar cell (so none is empty), then all pairs best first.
+    for j in range(s):
+        i = int(np.argmax(np.where(out < 0, sims[:, j], -np.inf)))
+        out[i], load[j] = j, load[j] + counts[i]
+    order = np.lexsort((np.arange(sims.size), -sims.ravel()))
+    for flat in order:
+        i, j = divmod(int(flat), s)
+        if out[i] < 0 and load[j] + counts[i] <= capacity:
+            out[i], load[j] = j, load[j] + counts[i]
+    for i in np.flatnonzero(out < 0):
+        j = int(np.argmin(load))
+        out[i], load[j] = j, load[j] + counts[i]
+    return out
 
 
-def nearest_partitions(queries, centroids, probe: int) -> np.ndarray:
-    """``(Q, probe)`` partition numbers nearest each query, nearest first (the routing of a search)."""
+def default_cells(num_shards: int, sample_rows: int) -> int:
+    """16 cells per shard, while each cell keeps about 50 sample rows to train on; never below one per shard."""
+    return int(max(num_shards, min(16 * num_shards, sample_rows // 50)))
+
+
+def train_router(sample, num_shards: int, cells: int | None = None, *, seed: int = 0):
+    """k-means routing for ``num_shards`` shards: ``(centroids (C, dim), cell_partitions (C,))``.
+
+    With ``cells`` > ``num_shards`` each shard holds several fine cells (:func:`group_cells`); a
+    query is then routed by its nearest cells, which follows the data far more closely than one
+    centroid per shard (a shard's single centroid says little about its border). ``cells=None``
+    or equal to ``num_shards``: one cell per shard.
+    """
+    s = int(num_shards)
+    c_num = s if cells is None else int(cells)
+    if c_num < s:
+        raise ValueError(f"k-means cells ({c_num}) must be at least the number of shards ({s})")
+    centroids = train_kmeans(sample, c_num, seed=seed)
+    counts = np.bincount(kmeans_partition(sample, centroids), minlength=c_num)
+    return centroids, group_cells(centroids, counts, s)
+
+
+def kmeans_partition(embeddings, centroids, cell_partitions=None) -> np.ndarray:
+    """Shard of each (L2-normalised) row: the shard of its most similar cell, ties to the lower cell."""
+    cell = (np.asarray(embeddings, np.float32) @ np.asarray(centroids, np.float32).T).argmax(1).astype(np.int64)
+    return cell if cell_partitions is None else np.asarray(cell_partitions, np.int64)[cell]
+
+
+def nearest_partitions(queries, centroids, probe: int, cell_partitions=None) -> np.ndarray:
+    """``(Q, probe)`` partitions nearest each query, nearest first (the routing of a search).
+
+    A partition's similarity to a query is that of its most similar cell; ties go to the lower
+    partition. ``probe`` is capped at the number of partitions.
+    """
     c = np.asarray(centroids, np.float32)
-    probe = int(min(max(probe, 1), len(c)))
     sims = np.asarray(queries, np.float32) @ c.T
+    if cell_partitions is not None:
+        part = np.asarray(cell_partitions, np.int64)
+        num = int(part.max()) + 1
+        best = np.full((len(sims), num), -np.inf, np.float32)
+        for j in range(num):  # a handful of shards; each is one vectorised max over its cells
+            best[:, j] = sims[:, part == j].max(axis=1)
+        sims = best
+    probe = int(min(max(probe, 1), sims.shape[1]))
     return np.argsort(-sims, axis=1, kind="stable")[:, :probe]

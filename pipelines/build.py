@@ -42,7 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from memory import manifest as mf
 from memory import mutations, removals, storage
 from memory.backends import BACKENDS
-from memory.partition import hash_partition, kmeans_partition, train_kmeans
+from memory.partition import default_cells, hash_partition, kmeans_partition, train_router
 from memory.shard import write_shard
 from pipelines import validate
 
@@ -69,7 +69,8 @@ class BuildConfig:
     class_names: tuple
     num_shards: int
     partition: str = "hash"
-    centroids: tuple | None = None  # an add reuses the memory's k-means centroids
+    centroids: tuple | None = None  # an add reuses the memory's k-means cells and their shards
+    cell_partitions: tuple | None = None
     backend: str = "scann"
     backend_params: dict = dataclasses.field(default_factory=dict)
     storage_dtype: str = "float32"
@@ -77,6 +78,7 @@ class BuildConfig:
     readmit: bool = False
     batch_rows: int = 65536
     kmeans_sample: int = 100_000
+    kmeans_cells: int | None = None
     seed: int = 0
     encoder: dict = dataclasses.field(default_factory=dict)
     existing: tuple = ()  # add: ((shard path, removed ids), ...) of the memory's shards
@@ -240,13 +242,16 @@ class ConcatLists(beam.CombineFn):
         return acc
 
 
-def train_centroids(sample, cfg: BuildConfig):
-    if len(sample) < cfg.num_shards:
-        raise ValueError(f"k-means needs at least {cfg.num_shards} valid rows to sample, got {len(sample)}")
+def train_centroids(sample, cfg: BuildConfig) -> dict:
+    """The k-means router: ``{"centroids": [[...]], "cell_partitions": [...]}`` (cells and their shards)."""
+    cells = cfg.kmeans_cells or default_cells(cfg.num_shards, len(sample))
+    if len(sample) < cells:
+        raise ValueError(f"k-means needs at least {cells} valid rows to sample (one per cell), got {len(sample)}")
     # Order the sample canonically so the centroids do not depend on bundle order.
     sample = sample[np.lexsort(sample.T[::-1])]
-    log.info("training %d k-means centroids on %d sampled rows", cfg.num_shards, len(sample))
-    return [list(map(float, c)) for c in train_kmeans(sample, cfg.num_shards, seed=cfg.seed)]
+    log.info("training %d k-means cells for %d shards on %d sampled rows", cells, cfg.num_shards, len(sample))
+    centroids, cell_partitions = train_router(sample, cfg.num_shards, cells, seed=cfg.seed)
+    return {"centroids": [list(map(float, c)) for c in centroids], "cell_partitions": [int(p) for p in cell_partitions]}
 
 
 class Assign(beam.DoFn):
@@ -255,11 +260,12 @@ class Assign(beam.DoFn):
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
 
-    def process(self, batch, centroids):
+    def process(self, batch, router):
         if self.cfg.partition == "hash":
             part = hash_partition(batch["ids"], self.cfg.num_shards)
         else:
-            part = kmeans_partition(batch["embeddings"], np.asarray(centroids, np.float32))
+            part = kmeans_partition(batch["embeddings"], np.asarray(router["centroids"], np.float32),
+                                    router["cell_partitions"])
         for j in np.unique(part):
             yield int(j), validate.take(batch, np.flatnonzero(part == j))
 
@@ -323,7 +329,7 @@ def write_dead_letter(records, cfg: BuildConfig) -> dict:
     return summary
 
 
-def publish(entries, cfg: BuildConfig, dead: dict, centroids) -> dict:
+def publish(entries, cfg: BuildConfig, dead: dict, router) -> dict:
     """Write the new version's manifest: the last step, reached only when every shard was written."""
     latest = mf.latest_version(cfg.out)
     if latest != cfg.parent_version:
@@ -337,7 +343,7 @@ def publish(entries, cfg: BuildConfig, dead: dict, centroids) -> dict:
     if cfg.parent_version is None:
         partitioning = {"method": cfg.partition, "num_shards": cfg.num_shards}
         if cfg.partition == "kmeans":
-            partitioning["centroids"] = centroids
+            partitioning.update(router)
         manifest = mf.new_manifest(
             version=cfg.version, dim=cfg.dim, class_names=list(cfg.class_names), backend=cfg.backend,
             shards=entries, encoder=cfg.encoder, partitioning=partitioning, change="build",
@@ -376,12 +382,15 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
     duplicates = id_parts | "GroupIds" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(find_duplicates)
     if cfg.partition == "kmeans" and cfg.centroids is None:
         fraction = min(1.0, cfg.kmeans_sample / max(cfg.total_rows, 1))
-        centroids = (good | "Sample" >> beam.Map(sample_rows, fraction)
+        router = (good | "Sample" >> beam.Map(sample_rows, fraction)
                      | "PoolSample" >> beam.CombineGlobally(ConcatRows(cfg.dim))
                      | "KMeans" >> beam.Map(train_centroids, cfg))
     else:
-        centroids = p | "KnownCentroids" >> beam.Create([list(cfg.centroids) if cfg.centroids else None])
-    written = (good | "Assign" >> beam.ParDo(Assign(cfg), beam.pvalue.AsSingleton(centroids))
+        known = None if not cfg.centroids else {
+            "centroids": [list(c) for c in cfg.centroids],
+            "cell_partitions": list(cfg.cell_partitions or range(len(cfg.centroids)))}
+        router = p | "KnownRouter" >> beam.Create([known])
+    written = (good | "Assign" >> beam.ParDo(Assign(cfg), beam.pvalue.AsSingleton(router))
                | "GroupByShard" >> beam.GroupByKey()
                | "WriteShard" >> beam.ParDo(WriteShard(cfg), beam.pvalue.AsDict(duplicates))
                .with_outputs(DEAD, main="entry"))
@@ -389,7 +398,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
             | "PoolDead" >> beam.CombineGlobally(ConcatLists())
             | "WriteDeadLetter" >> beam.Map(write_dead_letter, cfg))
     return (written.entry | "Entries" >> beam.combiners.ToList()
-            | "Publish" >> beam.Map(publish, cfg, beam.pvalue.AsSingleton(dead), beam.pvalue.AsSingleton(centroids)))
+            | "Publish" >> beam.Map(publish, cfg, beam.pvalue.AsSingleton(dead), beam.pvalue.AsSingleton(router)))
 
 
 _ERROR_LINE = re.compile(r"\b(\w*(?:Error|Exception|BuildFailed)): (.+)")
@@ -459,7 +468,7 @@ def _check_classes(class_names):
 def build_memory(embeddings, out: str, *, num_shards: int, class_names, partition: str = "hash",
                  backend: str = "scann", backend_params: dict | None = None, storage_dtype: str = "float32",
                  norm_tolerance: float | None = 0.01, dim: int | None = None, kmeans_sample: int = 100_000,
-                 seed: int = 0, batch_rows: int = 65536, pipeline_args=None) -> dict:
+                 kmeans_cells: int | None = None, seed: int = 0, batch_rows: int = 65536, pipeline_args=None) -> dict:
     """Build a new memory at ``out`` from embedding shards with Beam; returns a summary.
 
     Equal to ``memory.write_memory`` on the same valid rows (hash partitioning): the same shards,
@@ -476,6 +485,8 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
         raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if int(num_shards) < 1:
         raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
+    if kmeans_cells is not None and int(kmeans_cells) < int(num_shards):
+        raise ValueError(f"--kmeans-cells ({kmeans_cells}) must be at least --num-shards ({num_shards})")
     if storage_dtype not in ("float32", "float16"):
         raise ValueError(f"storage dtype must be float32 or float16, got {storage_dtype!r}")
     if mf.latest_version(out) is not None:
@@ -492,7 +503,7 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
                       total_rows=info["rows"], dim=int(dim), class_names=names, num_shards=int(num_shards),
                       partition=partition, backend=backend, backend_params=dict(backend_params or {}),
                       storage_dtype=storage_dtype, norm_tolerance=norm_tolerance, batch_rows=batch_rows,
-                      kmeans_sample=kmeans_sample, seed=seed, encoder=info["encoder"])
+                      kmeans_sample=kmeans_sample, kmeans_cells=kmeans_cells, seed=seed, encoder=info["encoder"])
     log.info("building %s: %d files, %d rows, dim %d, %d %s shards, %s backend", out, len(files), info["rows"],
              cfg.dim, cfg.num_shards, partition, backend)
     run = run_pipeline(lambda p: build_pipeline(p, cfg), pipeline_args, "build")
@@ -535,6 +546,7 @@ def add_to_memory(memory: str, embeddings, *, class_names=None, readmit: bool = 
         files=tuple(files), total_rows=info["rows"], dim=parent["dim"], class_names=tuple(names),
         num_shards=int(part.get("num_shards") or len(parent["shards"]) or 1), partition=part.get("method", "hash"),
         centroids=tuple(tuple(c) for c in part["centroids"]) if part.get("centroids") else None,
+        cell_partitions=tuple(part["cell_partitions"]) if part.get("cell_partitions") else None,
         backend=parent["backend"], backend_params=dict(build.get("backend_params") or {}), storage_dtype=dtype,
         norm_tolerance=norm_tolerance, readmit=readmit, batch_rows=batch_rows,
         existing=tuple((e["path"], sorted(dead.get(e["path"], ()))) for e in parent["shards"]),

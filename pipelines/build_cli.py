@@ -57,7 +57,8 @@ def _run_build(a):
     return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names_arg(a.class_names),
                         partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
                         storage_dtype=a.storage_dtype, norm_tolerance=_norm_tolerance(a.norm_tolerance),
-                        dim=a.dim, kmeans_sample=a.kmeans_sample, seed=a.seed, pipeline_args=a.beam_args)
+                        dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
+                        pipeline_args=a.beam_args)
 
 
 def _run_add(a):
@@ -117,6 +118,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--norm-tolerance", type=float, default=0.01,
                    help="reject rows whose L2 norm is further than this from 1 (negative: accept any non-zero norm)")
     b.add_argument("--kmeans-sample", type=int, default=100_000, help="rows sampled to train k-means centroids")
+    b.add_argument("--kmeans-cells", type=int, default=None,
+                   help="k-means cells, grouped into the shards (default: 16 per shard); a query visits the "
+                        "shards of its nearest cells, so more cells route more precisely")
     b.add_argument("--seed", type=int, default=0, help="k-means seed")
     g = b.add_argument_group("ScaNN overrides (default: chosen from each shard's size)")
     g.add_argument("--scann-brute-force", choices=("auto", "yes", "no"), default="auto",

@@ -63,13 +63,14 @@ def _pseudo_label(emb_train: str, out_dir: str, image_size: int) -> dict:
             "mean_confidence": float(confidence.mean())}
 
 
-def _embed(split: str, out: str, *, limit, image_size, unlabelled_fraction=0.0, teacher=None) -> dict:
+def _embed(split: str, out: str, *, limit, image_size, unlabelled_fraction=0.0, teacher=None,
+           encoder: str = "efficientnet-lite0") -> dict:
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.sources import SourceSpec
 
     spec = SourceSpec("fashion-mnist", split=split, limit=limit, shard_size=1000,
                       unlabelled_fraction=unlabelled_fraction)
-    cfg = EmbedConfig(spec, out, encoder="efficientnet-lite0", image_size=image_size, batch_size=64,
+    cfg = EmbedConfig(spec, out, encoder=encoder, image_size=image_size, batch_size=64,
                       teacher=teacher, label_map=LABEL_MAP if teacher else None)
     return run_embed(cfg)
 
@@ -92,6 +93,29 @@ def _mnist_digits(image_size: int, n: int, seed: int = 0):
     ids = np.array([f"mnist-5k/{r}" for r in rows], dtype=object)
     half = len(rows) * 4 // 5
     return Split(emb[:half], labels[:half], ids[:half]), Split(emb[half:], labels[half:], ids[half:])
+
+
+def _encoder_series(out_dir: str, encoder: str, *, train: int, test: int, unlabelled_fraction: float,
+                    image_size: int) -> tuple:
+    """The human-labelled training rows and the test rows embedded by another encoder (the Ray job, cached)."""
+    from eval.experiments import common
+
+    tr, te = os.path.join(out_dir, f"emb-train-{encoder}"), os.path.join(out_dir, f"emb-test-{encoder}")
+    runs = [_embed("train", tr, limit=train, image_size=image_size, unlabelled_fraction=unlabelled_fraction,
+                   encoder=encoder), _embed("test", te, limit=test, image_size=image_size, encoder=encoder)]
+    return (common.read_split(os.path.join(tr, "embeddings")), common.read_split(os.path.join(te, "embeddings")),
+            _encoder_cost(encoder, image_size, runs))
+
+
+def _encoder_cost(encoder: str, image_size: int, runs) -> dict:
+    """Parameters, and images/s over this run's embedding jobs (none on a cached re-run, which embeds nothing)."""
+    from pipelines.encoders import load_encoder
+
+    cost = {"params_m": sum(p.numel() for p in load_encoder(encoder, image_size).model.parameters()) / 1e6}
+    images, secs = sum(r["throughput"]["images_this_run"] for r in runs), sum(r["throughput"]["wall_s"] for r in runs)
+    if images:
+        cost["images_per_s"] = images / secs
+    return cost
 
 
 def _findings(eval_summary: dict, acc_path: str, parts: dict) -> list:
@@ -122,6 +146,11 @@ def _findings(eval_summary: dict, acc_path: str, parts: dict) -> list:
         lines.append(f"- The scaling-law form fits (Appendix E): R^2 in log space {sc['r2_log']:.3f} with "
                      f"a = {sc['a']:.3f}, b = {sc['b']:.3f} (paper ViT-L/14: a = -0.943). "
                      f"{'Holds' if sc['r2_log'] > 0.9 else 'Fits poorly'} on these {len(sc['sizes'])} sizes.")
+    for t in parts.get("scaling-encoders", {}).get("figures", {}).get("trade_off", []):
+        lines.append(f"- Compute against memory (section 3.3): by its own scaling fit, {t['encoder']} needs M = "
+                     f"{t['memory_needed']:,.3g} items ({t['times_full']:,.3g}x) to match the {t['error_percent']:.2f}% "
+                     f"error {t['matches']} reaches with {t['at_size']} items"
+                     f"{' (an extrapolation)' if t['times_full'] > 1 else ''}.")
     un = parts["unlearning"]["figures"]
     lines.append(f"- Unlearning is exact (section 3.4): {un['forget_hits_after']} forget-set items retrieved after "
                  f"removal; equal to a rebuilt memory: {'yes' if un['equals_rebuilt'] else 'no'}.")
@@ -130,7 +159,7 @@ def _findings(eval_summary: dict, acc_path: str, parts: dict) -> list:
 
 def run_demo(out_dir: str = "demo-out", *, train: int = 6000, test: int = 1000, unlabelled_fraction: float = 0.5,
              image_size: int = 64, num_shards: int = 4, backend: str = "scann", k_max: int = 100,
-             full: bool = False) -> dict:
+             full: bool = False, compare_encoders=("efficientnet-lite1", "efficientnet-lite2")) -> dict:
     from eval.evaluate import evaluate
     from eval.experiments import common, granularity, new_classes, pruning, scaling, unlearning
     from eval.explain import explain_page
@@ -176,6 +205,14 @@ def run_demo(out_dir: str = "demo-out", *, train: int = 6000, test: int = 1000, 
     common.write_part(report_dir, "scaling", parts["scaling"])
     pool = scaling.run(everything, queries, names, label="EfficientNet-Lite0, human + pseudo-labelled pool")
     common.write_part(report_dir, "scaling-pool", pool)
+    if compare_encoders:
+        series = {"efficientnet-lite0": (human, queries, _encoder_cost("efficientnet-lite0", image_size,
+                                                                        [train_summary, test_summary]))}
+        for name in compare_encoders:
+            series[name] = _encoder_series(out_dir, name, train=train, test=test,
+                                           unlabelled_fraction=unlabelled_fraction, image_size=image_size)
+        parts["scaling-encoders"] = scaling.compare_encoders(series, names)
+        common.write_part(report_dir, "scaling-encoders", parts["scaling-encoders"])
     digits_mem, digits_q = _mnist_digits(image_size, 1000)
     parts["new-classes"] = new_classes.run(human, queries, names, ["Sandal", "Bag"],
                                            extra=(digits_mem, digits_q, [f"digit {d}" for d in range(10)]))
@@ -196,7 +233,8 @@ def run_demo(out_dir: str = "demo-out", *, train: int = 6000, test: int = 1000, 
         "# vismem demo report", "",
         f"Fashion-MNIST: {train} training images ({100 * unlabelled_fraction:.0f}% treated as unlabelled and "
         f"pseudo-labelled by a teacher: a linear probe fit on the human-labelled embeddings), "
-        f"{test} test images; EfficientNet-Lite0 embeddings at {image_size} px (Ray, local instance); a "
+        f"{test} test images; EfficientNet-Lite0 embeddings at {image_size} px (Ray, local instance"
+        f"{'; also ' + ', '.join(compare_encoders) + ' for the by-encoder scaling' if compare_encoders else ''}); a "
         f"{num_shards}-shard {backend} memory built by the Beam DirectRunner. Sizes chosen to fit 15 minutes on "
         f"2 CPU cores; `vismem demo --full` uses everything.", "",
         f"- Pseudo-labels: {pseudo['pseudo_labelled']} images labelled by the teacher, "
@@ -246,6 +284,10 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", choices=["scann", "exact"], default="scann")
     p.add_argument("--k-max", type=int, default=100)
     p.add_argument("--full", action="store_true", help="all 60,000 training and 10,000 test images")
+    p.add_argument("--compare-encoders", default="efficientnet-lite1,efficientnet-lite2",
+                   help="encoders that also embed the human-labelled and test images, for the scaling curve by "
+                        "encoder (compute against memory); '' skips them")
     p.set_defaults(func=lambda a: run_demo(a.out, train=a.train, test=a.test,
                                            unlabelled_fraction=a.unlabelled_fraction, image_size=a.image_size,
-                                           num_shards=a.num_shards, backend=a.backend, k_max=a.k_max, full=a.full))
+                                           num_shards=a.num_shards, backend=a.backend, k_max=a.k_max, full=a.full,
+                                           compare_encoders=tuple(e for e in a.compare_encoders.split(",") if e)))

@@ -145,13 +145,16 @@ class ShardProcessor:
         out_labels = labels.astype(np.int32).copy()
         label_source = np.full(n, "human", dtype=object)
         confidence = np.ones(n, np.float32)
-        keep = np.ones(n, bool)
+        # An all-zero (or non-finite) embedding has no direction to search by: e.g. EfficientNet-Lite2
+        # at 32 px maps some near-blank images to all-zero features. Quarantined, never written.
+        degenerate = ~np.isfinite(emb).all(axis=1) | (np.linalg.norm(np.nan_to_num(emb), axis=1) < 1e-6)
+        keep = ~degenerate
         stats = dict.fromkeys(COUNT_KEYS, 0)
         if self.teacher is not None:
             mapped = self.label_map.apply(t_cls)
             no_match = unlabelled & (mapped < 0)
             low = unlabelled & (mapped >= 0) & (t_conf < self.min_confidence)
-            pseudo = unlabelled & ~no_match & ~low
+            pseudo = unlabelled & ~no_match & ~low & ~degenerate
             out_labels[pseudo] = mapped[pseudo]
             label_source[pseudo] = "teacher"
             confidence[unlabelled] = t_conf[unlabelled]
@@ -162,9 +165,10 @@ class ShardProcessor:
                          pseudo_correct=int((out_labels[evaluated] == truth[evaluated]).sum()))
         else:
             confidence[unlabelled] = 0.0  # no label and no teacher: kept, label -1, confidence 0
-            stats["unlabelled"] = int(unlabelled.sum())
-        stats.update(read=int(decoded["read"]), quarantined=len(decoded["errors"]), embedded=int(keep.sum()),
-                     human_labelled=int((~unlabelled).sum()), hidden_labels=int((truth >= 0).sum()),
+            stats["unlabelled"] = int((unlabelled & keep).sum())
+        stats.update(read=int(decoded["read"]), quarantined=len(decoded["errors"]) + int(degenerate.sum()),
+                     embedded=int(keep.sum()),
+                     human_labelled=int((~unlabelled & keep).sum()), hidden_labels=int((truth >= 0).sum()),
                      encode_seconds=round(time.perf_counter() - t0, 3))
         table = schema.embedding_table(
             decoded["ids"][keep], emb[keep], out_labels[keep], dtype=self.dtype,
@@ -173,6 +177,10 @@ class ShardProcessor:
                         "uri": decoded["uris"][keep]},
             metadata={**metadata, "input_shard": shard_name})
         errors = [(i, u, r, shard_name, self.source_name) for i, u, r in decoded["errors"]]
+        reason = (f"encoder {getattr(self.encoder, 'name', 'encoder')} gave an all-zero or non-finite embedding "
+                  "(no direction to search by)")
+        errors += [(decoded["ids"][r], decoded["uris"][r], reason, shard_name, self.source_name)
+                   for r in np.flatnonzero(degenerate)]
         return table, errors, stats
 
 

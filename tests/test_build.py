@@ -10,8 +10,8 @@ import pytest
 from conftest import clustered, oracle_topk
 from memory import Memory, schema, write_memory
 from memory import manifest as mf
-from memory.partition import hash_partition
-from pipelines.build import build_memory
+from memory.partition import hash_partition, nearest_partitions
+from pipelines.build import add_to_memory, build_memory
 
 # Every DoFn is pickled into worker processes, as on a real distributed runner.
 PIPE = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -142,7 +142,9 @@ def test_beam_build_on_gcs_with_scann_equals_write_memory(tmp_path, gcs_path):
     np.testing.assert_allclose(na.sims, nb.sims, atol=1e-6)
 
 
-def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path):
+@pytest.mark.parametrize("cells", [8, None])
+def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path, cells):
+    """One centroid per shard (cells=8), and the default of several k-means cells per shard."""
     inputs = tmp_path / "emb"
     inputs.mkdir()
     n, dim = 4000, 32
@@ -153,23 +155,49 @@ def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path):
         _write(inputs / f"part-{f}.parquet", ids[f::2], x[f::2], labels[f::2] % len(CLASSES))
     out = str(tmp_path / "m")
     build_memory(str(inputs), out, num_shards=8, class_names=CLASSES, partition="kmeans", backend="exact",
-                 pipeline_args=PIPE)
+                 kmeans_cells=cells, pipeline_args=PIPE)
     want, _ = oracle_topk(q, x, ids, 10)
     recall = {}
     with Memory.open(out) as mem:
-        centroids = np.asarray(mem.manifest["partitioning"]["centroids"], np.float32)
-        assert centroids.shape == (8, dim) and mem.manifest["partitioning"]["method"] == "kmeans"
-        for shard in mem.shards:  # every item sits in the shard of its nearest centroid
-            assert ((shard.index.embeddings @ centroids.T).argmax(1) == shard.entry["partition"]).all()
+        part = mem.manifest["partitioning"]
+        centroids = np.asarray(part["centroids"], np.float32)
+        cell_part = np.asarray(part["cell_partitions"])
+        expect_cells = 8 if cells else 80  # default: 16 per shard, at most one per 50 sampled rows
+        assert centroids.shape == (expect_cells, dim) and part["method"] == "kmeans"
+        assert sorted(set(cell_part)) == list(range(8))
+        for shard in mem.shards:  # every item sits in the shard of its nearest cell
+            assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry["partition"]).all()
         for p in (1, 2, 4, 8):
             got = mem.search(q, 10, probe_shards=p).ids
             recall[p] = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
         np.testing.assert_array_equal(mem.search(q, 10, probe_shards=8).ids, want)
+        # Routed search equals an exact search over the visited shards' items (the exact backend).
+        route = nearest_partitions(q, centroids, 2, cell_part)
+        got = mem.search(q, 10, probe_shards=2)
+        item_part = cell_part[(x @ centroids.T).argmax(1)]
+        for i in range(0, len(q), 37):
+            allowed = np.isin(item_part, route[i])
+            w, _ = oracle_topk(q[i:i + 1], x[allowed], ids[allowed], 10)
+            np.testing.assert_array_equal(got.ids[i], w[0])
     # Tight clusters (noise 0.3 around 40 centres) fall almost whole into one k-means cell, so one
     # probed shard already finds most neighbours; recall can only grow with more probes.
     assert recall[8] == 1.0
     assert recall[1] >= 0.9 and recall[2] >= 0.97, recall
     assert recall[1] <= recall[2] <= recall[4] <= recall[8]
+    if cells is None:  # an add routes new items by the memory's cells, into new shards of their partitions
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        new_ids = np.array([f"new-{i:03d}" for i in range(len(q))], dtype=object)
+        _write(extra / "part-0.parquet", new_ids, q, np.zeros(len(q), int))
+        add_to_memory(out, str(extra), pipeline_args=PIPE)
+        with Memory.open(out) as mem:
+            assert mem.manifest["partitioning"] == part
+            added = [s for s in mem.shards if "-add-" in s.entry["name"]]
+            assert sum(len(s.ids) for s in added) == len(q)
+            for shard in added:
+                assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry["partition"]).all()
+            got = mem.search(q, 1, probe_shards=1).ids[:, 0]
+            np.testing.assert_array_equal(got, new_ids)  # each new item is its own nearest, in its routed shard
 
 
 def test_build_help_teaches_and_bad_arguments_fail_at_the_door(tmp_path):

@@ -1,8 +1,9 @@
 """The build's pure cores, without Beam: row validation, duplicate ids, k-means partitioning."""
 import numpy as np
+import pytest
 
 from conftest import clustered
-from memory.partition import kmeans_partition, nearest_partitions, train_kmeans
+from memory.partition import group_cells, kmeans_partition, nearest_partitions, train_kmeans, train_router
 from pipelines import validate
 
 
@@ -61,3 +62,35 @@ def test_kmeans_partition_is_deterministic_and_routes_to_nearest():
     assert all(len(np.unique(part[labels == b])) == 1 for b in range(8))
     route = nearest_partitions(x[:5], c1, 3)
     assert route.shape == (5, 3) and (route[:, 0] == part[:5]).all()
+
+
+def test_router_groups_fine_cells_into_balanced_shards_and_routes_by_the_nearest_cell():
+    x, blob = clustered(6000, 16, 64, seed=5, noise=0.1)
+    centroids, cell_part = train_router(x, 4, 64, seed=0)
+    assert centroids.shape == (64, 16) and cell_part.shape == (64,)
+    again = train_router(x, 4, 64, seed=0)
+    np.testing.assert_array_equal(again[0], centroids)
+    np.testing.assert_array_equal(again[1], cell_part)
+    part = kmeans_partition(x, centroids, cell_part)
+    # Every shard holds items, none more than the 10% slack over an equal share (plus one cell).
+    sizes = np.bincount(part, minlength=4)
+    assert sizes.min() > 0 and sizes.max() <= 1.1 * len(x) / 4 + np.bincount(blob).max()
+    # An item's shard is the shard of its nearest cell; a blob is never cut across shards.
+    nearest_cell = (x @ centroids.T).argmax(1)
+    np.testing.assert_array_equal(part, cell_part[nearest_cell])
+    assert all(len(np.unique(part[blob == b])) == 1 for b in range(64))
+    # Routing ranks shards by their most similar cell: the first shard is the item's own.
+    route = nearest_partitions(x, centroids, 2, cell_part)
+    assert route.shape == (len(x), 2) and (route[:, 0] == part).all() and (route[:, 0] != route[:, 1]).all()
+    sims = x[:3] @ centroids.T
+    shard_best = np.stack([sims[:, cell_part == j].max(1) for j in range(4)], axis=1)
+    np.testing.assert_array_equal(route[:3], np.argsort(-shard_best, axis=1, kind="stable")[:, :2])
+
+
+def test_group_cells_identity_when_one_cell_per_shard_and_rejects_too_few_cells():
+    c = train_kmeans(clustered(500, 8, 4, seed=1)[0], 4)
+    np.testing.assert_array_equal(group_cells(c, [1, 1, 1, 1], 4), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="4 k-means cells cannot fill 5 shards"):
+        group_cells(c, [1, 1, 1, 1], 5)
+    with pytest.raises(ValueError, match=r"k-means cells \(2\) must be at least the number of shards \(4\)"):
+        train_router(c, 4, 2)

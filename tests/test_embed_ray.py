@@ -9,6 +9,7 @@ import pytest
 import ray
 from PIL import Image
 
+from memory import schema
 from pipelines.embed import EmbedConfig, run_embed
 from pipelines.encoders import load_encoder
 from pipelines.outputs import OutputLayout, read_errors, read_run
@@ -115,3 +116,21 @@ def test_missing_source_and_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown encoder 'resnet50'"):
         run_embed(_cfg(SourceSpec("fashion-mnist", limit=10), tmp_path / "o", encoder="resnet50", image_size=None))
     assert not (tmp_path / "o").exists()
+
+
+def test_all_zero_embeddings_are_quarantined_with_the_encoder_named(tmp_path):
+    """EfficientNet-Lite2 at 32 px maps some near-blank Fashion-MNIST images to all-zero features."""
+    images, _ = fashion_mnist("train")
+    feats = load_encoder("efficientnet-lite2", 32).embed(images[:300])
+    zero = np.flatnonzero(np.linalg.norm(feats, axis=1) == 0)
+    assert len(zero) > 0  # the real encoder does this; the job must not write such rows
+    spec = SourceSpec("fashion-mnist", split="train", limit=300, shard_size=100)
+    s = run_embed(_cfg(spec, tmp_path / "z", encoder="efficientnet-lite2"))
+    assert s["counts"]["quarantined"] == len(zero) and s["counts"]["embedded"] == 300 - len(zero)
+    errors = read_errors(str(tmp_path / "z"))
+    assert sorted(errors["id"].to_pylist()) == [f"fashion-mnist/train/{i:05d}" for i in zero]
+    assert set(errors["reason"].to_pylist()) == {
+        "encoder efficientnet-lite2 gave an all-zero or non-finite embedding (no direction to search by)"}
+    written = schema.read_embedding_shards(OutputLayout(str(tmp_path / "z")).embeddings_dir)
+    assert len(written["ids"]) == 300 - len(zero) and not set(written["ids"]) & set(errors["id"].to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(written["embeddings"], axis=1), 1, atol=1e-5)

@@ -1,5 +1,6 @@
 """Each capability experiment on a tiny memory with a known answer."""
 import numpy as np
+import pytest
 
 from conftest import clustered
 from eval import hierarchy
@@ -38,6 +39,39 @@ def test_scaling_experiment_error_falls_and_fit_follows():
     assert err[0] > err[-1] and len(err) == 5
     assert res["figures"]["a"] < 0  # error falls with memory size
     assert "Fit `log10(e)" in res["report"]
+
+
+def test_scaling_by_encoder_compares_on_the_same_items_and_inverts_the_fit(tmp_path):
+    from eval import scaling as law
+    from eval.experiments import common
+
+    memory, queries = _splits(noise=0.9)
+    sharper = _splits(noise=0.75)  # a "stronger encoder": the same ids, tighter clusters
+    shuffled = np.random.default_rng(0).permutation(len(memory))  # another file order
+    res = scaling.compare_encoders(
+        {"weak": (memory, queries, {"params_m": 4.7, "images_per_s": 250}),
+         "strong": (sharper[0].take(shuffled), sharper[1], {"params_m": 6.1})}, NAMES, k=5, steps=5)
+    runs = res["figures"]["encoders"]
+    assert res["figures"]["sizes"] == scaling.nested_sizes(1200, 6, 5)
+    # Aligned by id, each series equals its own single run at the same sizes.
+    alone = scaling.run(sharper[0], sharper[1], NAMES, k=5, sizes=res["figures"]["sizes"])["figures"]
+    assert runs["strong"]["error_percent"] == alone["error_percent"]
+    assert runs["strong"]["error_percent"][-1] < runs["weak"]["error_percent"][-1]
+    (trade,) = res["figures"]["trade_off"]
+    assert trade["encoder"] == "weak" and trade["matches"] == "strong"
+    # The memory the weak encoder needs is where its own fit predicts the strong encoder's error.
+    predicted = law.predict_error([trade["memory_needed"]], runs["weak"]["a"], runs["weak"]["b"])[0]
+    assert predicted == pytest.approx(trade["error_percent"], rel=1e-6)
+    assert "| weak | 4.7 | 250 |" in res["report"] and "| strong | 6.1 | - |" in res["report"]
+    common.write_part(str(tmp_path), "scaling-encoders", res)
+    assert (tmp_path / "scaling_by_encoder.png").stat().st_size > 5000
+    # An item one encoder quarantined leaves every series.
+    short = scaling.compare_encoders({"a": (memory.take(np.arange(1, 1200)), queries, None),
+                                      "b": (sharper[0], sharper[1].take(np.arange(299)), None)}, NAMES, k=5, steps=3)
+    assert (short["figures"]["items"], short["figures"]["queries"]) == (1199, 299)
+    with pytest.raises(ValueError, match="does not hold the same memory items"):
+        scaling.compare_encoders({"a": (memory, queries, None), "b": (memory.take(np.arange(10)), queries, None)},
+                                 NAMES)
 
 
 def test_new_classes_experiment_including_another_dataset():
@@ -92,12 +126,14 @@ def test_experiment_commands_write_report_parts(tmp_path):
     vismem = os.path.join(os.path.dirname(sys.executable), "vismem")
     out = tmp_path / "report"
     names = ",".join(NAMES)
-    for args in (["scaling"], ["pruning", "--thresholds", "3"], ["new-classes", "--new", "c1"]):
+    for args in (["scaling", "--label", "a", "--compare", f"b={mem_dir},{tmp_path / 'q.parquet'}"],
+                 ["pruning", "--thresholds", "3"], ["new-classes", "--new", "c1"]):
         res = subprocess.run([vismem, "experiment", *args, str(mem_dir), str(tmp_path / "q.parquet"), "--out",
                               str(out), "--class-names", names], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
     report = open(out / "experiments.md").read()
-    for title in ("Memory-size scaling", "Memory pruning", "New classes without training"):
+    for title in ("Memory-size scaling", "Memory-size scaling by encoder", "Memory pruning",
+                  "New classes without training"):
         assert title in report
     figures = json.load(open(out / "new-classes.json"))
     assert figures["new_classes"] == ["c1"] and figures["new_items_added"] == int((memory.labels == 1).sum())

@@ -5,6 +5,8 @@ import argparse
 
 EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
+  vismem experiment scaling  lite0-train/ lite0-test/ --label lite0 --out report/ \
+      --compare lite2=lite2-train/,lite2-test/
   vismem experiment pruning  train-emb/ test-emb/ --out report/ --k 10 --self-k 10
   vismem experiment unlearning train-emb/ test-emb/ --out report/ --forget-fraction 0.05
   vismem experiment new-classes train-emb/ test-emb/ --out report/ --new Sandal,Bag \\
@@ -33,6 +35,9 @@ def add_parsers(sub) -> None:
     _common(s)
     s.add_argument("--method", default="rank")
     s.add_argument("--label", default="encoder", help="name of this series in the report (e.g. the encoder)")
+    s.add_argument("--compare", action="append", default=[], metavar="LABEL=MEMORY,QUERIES",
+                   help="the same images embedded by another encoder (repeatable): adds the by-encoder table, "
+                        "plot and compute-memory trade-off")
     pr = exp.add_parser("pruning", help="hard and soft memory pruning for every voting rule")
     _common(pr)
     pr.add_argument("--self-k", type=int, default=10, help="neighbours per self-query that count")
@@ -65,6 +70,16 @@ def run(a) -> dict:
     names = common.class_names_arg(a.class_names, int(max(memory.labels.max(), queries.labels.max())) + 1)
     if a.experiment == "scaling":
         result = scaling.run(memory, queries, names, k=a.k, method=a.method, label=a.label)
+        if a.compare:
+            series = {a.label: (memory, queries, None)}
+            for spec in a.compare:
+                label, sep, paths = spec.partition("=")
+                if not sep or paths.count(",") != 1:
+                    raise ValueError(f"--compare takes LABEL=MEMORY,QUERIES, got {spec!r}")
+                mem_path, q_path = paths.split(",")
+                series[label] = (common.read_split(mem_path), common.read_split(q_path), None)
+            common.write_part(a.out, "scaling-encoders",
+                              scaling.compare_encoders(series, names, k=a.k, method=a.method))
     elif a.experiment == "pruning":
         result = pruning.run(memory, queries, names, k=a.k, self_k=a.self_k,
                              hard_thresholds=[int(t) for t in a.thresholds.split(",")])

@@ -82,6 +82,8 @@ def write_part(out_dir: str, name: str, result: dict) -> str:
         json.dump(result["figures"], f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     with open(os.path.join(out_dir, f"report-{name}.md"), "w") as f:
         f.write(result["report"])
+    if result.get("plot"):  # a callable that draws the part's figure into out_dir
+        result["plot"](out_dir)
     parts = sorted(n for n in os.listdir(out_dir) if n.startswith("report-") and n.endswith(".md"))
     body = ["# Capability experiments", ""] + [open(os.path.join(out_dir, n)).read() for n in parts]
     path = os.path.join(out_dir, "experiments.md")

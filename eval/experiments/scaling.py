@@ -55,3 +55,91 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, method: str 
     return {"figures": {**figures, "a": a, "b": b, **gof,
                         "extrapolation": dict(zip(map(int, extrapolate), predicted.tolist()))},
             "report": "\n".join(lines)}
+
+
+def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "rank", seed: int = 0,
+                     steps: int = 6) -> dict:
+    """The compute-memory trade-off (section 3.3): the scaling curve of each encoder on the same images.
+
+    Args:
+        series: ``{label: (memory Split, queries Split, cost)}``, one per encoder, with the memories
+            holding the same images in the same order (same ids); ``cost`` is a dict such as
+            ``{"params_m": 4.7, "images_per_s": 250}`` or None.
+
+    Every encoder sees the same nested subsets (same seed, same sizes). For each cheaper encoder the
+    report states the memory size its own fit needs to match each stronger encoder's error at the
+    full size: an extrapolation when beyond the measured sizes, and said so.
+    """
+    if len(series) < 2:
+        raise ValueError(f"comparing encoders needs two or more series, got {len(series)}")
+    labels = list(series)
+    # Every series on the same items and queries: those each encoder embedded (an encoder's
+    # quarantined rows leave all series), in the first series' order.
+    mem_ids = _common_ids([m.ids for m, _, _ in series.values()])
+    q_ids = _common_ids([q.ids for _, q, _ in series.values()])
+    for name, (mem, q, _) in series.items():
+        if len(mem_ids) < 0.5 * len(mem) or len(q_ids) < 0.5 * len(q):
+            raise ValueError(f"series {name!r} does not hold the same memory items and queries as the others "
+                             f"(only {len(mem_ids)} items and {len(q_ids)} queries in common); "
+                             "embed the same images with every encoder")
+    series = {name: (_select(mem, mem_ids), _select(q, q_ids), cost) for name, (mem, q, cost) in series.items()}
+    first_ids = mem_ids
+    sizes = nested_sizes(len(first_ids), len(class_names), steps)
+    runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name)["figures"]
+            for name, (mem, q, _) in series.items()}
+    costs = {name: dict(series[name][2] or {}) for name in labels}
+    full_error = {name: runs[name]["error_percent"][-1] for name in labels}
+    order = sorted(labels, key=lambda n: -full_error[n])  # weakest first
+    header = ["encoder", "params (M)", "images/s here", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
+    rows = []
+    for name in order:
+        f, c = runs[name], costs[name]
+        rows.append([name, f"{c['params_m']:.1f}" if "params_m" in c else "-",
+                     f"{c['images_per_s']:.0f}" if "images_per_s" in c else "-",
+                     *(f"{e:.2f}" for e in f["error_percent"]),
+                     *((f"{f['a']:.3f}", f"{f['b']:.3f}", f"{f['r2_log']:.3f}") if f["a"] is not None else ("-",) * 3)])
+    lines = ["## Memory-size scaling by encoder (compute against memory, section 3.3)", "",
+             f"Top-1 error (%) of {method} voting at k = {k} on the same nested random subsets of the same images, "
+             f"embedded by each encoder ({len(mem_ids)} memory items and {len(q_ids)} queries that every encoder embedded); "
+             "fit `log10(e) = a * log10(log10(M)) + b` per encoder:", ""]
+    lines += table(header, rows)
+    trade = []
+    for i, weak in enumerate(order):
+        fw = runs[weak]
+        if fw["a"] is None or fw["a"] >= 0:
+            continue
+        for strong in order[i + 1:]:
+            if full_error[strong] <= 0:
+                lines.append(f"- {strong} makes no error at M = {sizes[-1]}; the law of {weak} never reaches 0%.")
+                continue
+            need = float(scaling.size_for_error([full_error[strong]], fw["a"], fw["b"])[0])
+            beyond = "extrapolated" if need > sizes[-1] else "within the measured sizes"
+            trade.append({"encoder": weak, "matches": strong, "at_size": sizes[-1], "error_percent": full_error[strong],
+                          "memory_needed": need, "times_full": need / sizes[-1]})
+            lines.append(f"- {weak} would need M = {need:,.3g} ({need / sizes[-1]:,.3g}x the full {sizes[-1]}; "
+                         f"{beyond}) to match the {full_error[strong]:.2f}% error of {strong} at M = {sizes[-1]}.")
+    if not trade:
+        lines.append("- No trade-off figure: no encoder has a falling fit.")
+    lines.append("")
+    figures = {"sizes": sizes, "items": len(mem_ids), "queries": len(q_ids), "encoders": runs, "costs": costs,
+               "trade_off": trade}
+
+    def plot(out_dir: str) -> str:
+        from eval.plots import plot_scaling
+
+        return plot_scaling(out_dir, "scaling_by_encoder.png", sizes,
+                            {n: (runs[n]["error_percent"], runs[n]["a"], runs[n]["b"]) for n in order})
+
+    lines += ["![error against memory size, per encoder](scaling_by_encoder.png)", ""]
+    return {"figures": figures, "report": "\n".join(lines), "plot": plot}
+
+
+def _common_ids(id_lists) -> np.ndarray:
+    """Ids present in every list, in the first list's order."""
+    common = set(id_lists[0]).intersection(*map(set, id_lists[1:]))
+    return np.array([i for i in id_lists[0] if i in common], dtype=object)
+
+
+def _select(split: Split, ids) -> Split:
+    where = {i: r for r, i in enumerate(split.ids)}
+    return split.take(np.array([where[i] for i in ids], dtype=np.int64))
