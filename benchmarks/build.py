@@ -1,14 +1,13 @@
-"""Build benchmark: the Beam build against the memory core's writer called directly, remove, compact,
-and k-means routing (``--probe-shards``) against fan-out and one unsharded ScaNN searcher.
+"""Build benchmark: the Beam build against the memory core's writer called directly, remove, compact.
+(k-means routing has its own benchmark: ``benchmarks/routing.py``.)
 
 Run: ``.venv/bin/python benchmarks/build.py`` (``--help`` for sizes). Default: the search benchmark's
 1M x 128 clustered unit vectors (seeded) in 16 embedding shards, 8 memory shards, ScaNN, the
-DirectRunner with 2 worker processes; 10k queries for routing. Everything runs in this one process
+DirectRunner with 2 worker processes. Everything runs in this one process
 and machine, side by side, so the ratios are meaningful on a noisy machine. Expect 20-40 minutes on
 2 cores (index builds dominate). Writes ``bench-out/build.json`` and prints a Markdown table.
 
-Targets (issue 4): Beam build wall time at most 1.5x the direct writer; with routing, at
-recall@10 >= 0.99, at least 0.9x the queries/s of the unsharded searcher.
+Target (issue 4): Beam build wall time at most 1.5x the direct writer.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from memory import Memory, schema, write_memory  # noqa: E402
 from memory.mutations import remove_items  # noqa: E402
 from pipelines.build import build_memory  # noqa: E402
 from pipelines.compact import compact_memory  # noqa: E402
-from search import make_data, recall  # noqa: E402  (benchmarks/search.py: the same data)
+from search import make_data  # noqa: E402  (benchmarks/search.py: the same data)
 
 
 def timed(fn):
@@ -69,7 +68,6 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--files", type=int, default=16, help="embedding shards (input files)")
     ap.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
-    ap.add_argument("--skip-routing", action="store_true", help="only the build / remove / compact timings")
     ap.add_argument("--work-dir", default=None, help="where the memories go (default: a temporary folder)")
     ap.add_argument("--out", default="bench-out/build.json")
     args = ap.parse_args(argv)
@@ -102,40 +100,12 @@ def main(argv=None):
     print(f"remove 1%: {res['remove_1pct_s']:.2f} s; compact: {res['compact_s']:.1f} s", flush=True)
     shutil.rmtree(os.path.join(work, "direct"), ignore_errors=True)
 
-    if not args.skip_routing:
-        import scann
-
-        truth_s = scann.scann_ops_pybind.builder(x, 10, "dot_product").score_brute_force().build()
-        truth, _ = truth_s.search_batched_parallel(q, 10)
-        truth = ids[np.asarray(truth)]
-        del truth_s
-        res["kmeans_build_s"], _ = timed(lambda: build_memory(
-            inputs, os.path.join(work, "kmeans"), num_shards=args.shards, class_names=classes, partition="kmeans",
-            backend="scann", pipeline_args=pipe))
-        write_memory(os.path.join(work, "one"), x, labels, ids, num_shards=1, backend="scann", class_names=classes)
-        rows = []
-        with Memory.open(os.path.join(work, "one")) as mem:
-            qps, got = search_qps(mem, q, 10)
-            rows.append({"method": "unsharded ScaNN (1 shard)", "recall@10": recall(got, truth, 10), "qps": qps})
-        with Memory.open(os.path.join(work, "kmeans")) as mem:
-            qps, got = search_qps(mem, q, 10)
-            rows.append({"method": f"k-means, fan-out to all {args.shards}", "recall@10": recall(got, truth, 10),
-                         "qps": qps})
-            for p in (1, 2, 4, args.shards):
-                qps, got = search_qps(mem, q, 10, probe_shards=p)
-                rows.append({"method": f"k-means, --probe-shards {p}", "recall@10": recall(got, truth, 10),
-                             "qps": qps})
-        res["routing"] = rows
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     json.dump(res, open(args.out, "w"), indent=1)
     print("\n| step | seconds |\n| --- | --- |")
     print(f"| direct writer (read + write_memory) | {res['direct_writer_s']:.1f} |")
     print(f"| Beam build ({args.workers} workers) | {res['beam_build_s']:.1f} ({res['beam_over_direct']:.2f}x) |")
     print(f"| remove 1% | {res['remove_1pct_s']:.2f} |\n| compact | {res['compact_s']:.1f} |")
-    if "routing" in res:
-        print("\n| search (k=10) | recall@10 | queries/s |\n| --- | --- | --- |")
-        for r in res["routing"]:
-            print(f"| {r['method']} | {r['recall@10']:.4f} | {r['qps']:,.0f} |")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 

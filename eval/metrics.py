@@ -29,12 +29,9 @@ def accuracy_all_k(labels, sims, truth, *, num_classes, methods=voting.METHODS, 
                    alpha=2.0, tau=0.07, xi=1.0) -> dict:
     """``{method: accuracy (K,)}``: top-1 accuracy at every k for each voting rule."""
     labels, truth = _check(labels, truth)
-    out = {}
-    for method in methods:
-        preds = voting.predict_all_k(labels, sims, method=method, num_classes=num_classes, weights=weights,
-                                     alpha=alpha, tau=tau, xi=xi)
-        out[method] = (preds == truth[:, None]).mean(axis=0)
-    return out
+    preds = voting.predict_all_k_methods(labels, sims, methods=tuple(methods), num_classes=num_classes,
+                                         weights=weights, alpha=alpha, tau=tau, xi=xi)
+    return {method: (p == truth[:, None]).mean(axis=0) for method, p in preds.items()}
 
 
 def hit_rate(labels, truth) -> np.ndarray:

@@ -165,40 +165,82 @@ def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.
 def predict_all_k(labels, sims, *, method, num_classes, weights=None, alpha=2.0, tau=0.07, xi=1.0):
     """Predictions for every ``k = 1..K`` at once: ``(Q, K)``, column ``k - 1`` is :func:`predict` at k.
 
-    One pass over the neighbour columns with running class scores: after adding neighbour ``j``
-    only its class's score grew, so the leader either stays or becomes that class. Scores live in
-    per-query slots (one per distinct label among the K neighbours, at most K) rather than a
-    ``(Q, num_classes)`` matrix, so the pass stays in cache even with thousands of classes. When a
-    query has fewer than k valid neighbours, its prediction at k uses all it has.
+    When a query has fewer than k valid neighbours, its prediction at k uses all it has.
     """
-    labels, w = _prepare(labels, sims, method, num_classes, None, weights, alpha, tau, xi)
+    return predict_all_k_methods(labels, sims, methods=(method,), num_classes=num_classes, weights=weights,
+                                 alpha=alpha, tau=tau, xi=xi)[method]
+
+
+def predict_all_k_methods(labels, sims, *, methods=METHODS, num_classes, weights=None, alpha=2.0, tau=0.07,
+                          xi=1.0) -> dict:
+    """``{method: (Q, K) predictions at every k}``: :func:`predict_all_k` for several rules, sharing the set-up.
+
+    One pass over the neighbour columns per rule with running class scores: after adding
+    neighbour ``j`` only its class's score grew, so the leader either stays or becomes that class.
+    Scores live in per-query slots, one per distinct label numbered by first appearance (at most
+    K), rather than a ``(Q, num_classes)`` matrix: the pass stays in cache with thousands of
+    classes, and the tie rule (nearest first appearance wins) becomes "the lower slot wins".
+    """
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(METHODS)}")
+    labels, sims, weights = _validate(labels, sims, weights, methods[0] if methods else "rank", num_classes, None)
+    if (labels == EXCLUDED).any():
+        labels, sims, weights = _compact(labels, sims, weights)
+    slot, slot_label = _first_appearance_slots(labels)
+    valid_t = np.ascontiguousarray((labels != EXCLUDED).T)  # column-major: each step reads one column
+    slot_t = np.ascontiguousarray(slot.T)
+    flat_t = np.ascontiguousarray((slot + labels.shape[1] * np.arange(len(labels))[:, None]).T)
+    out = {}
+    for method in methods:
+        w = neighbour_weights(labels, sims, method=method, weights=weights, alpha=alpha, tau=tau, xi=xi)
+        leader = _leaders_all_k(valid_t, slot_t, flat_t, np.ascontiguousarray(w.T), labels.shape)
+        out[method] = np.take_along_axis(slot_label, leader, axis=1)
+    return out
+
+
+def _first_appearance_slots(labels):
+    """``(slot (Q, K), slot_label (Q, K + 1))``: each neighbour's slot, numbered by its label's first
+    appearance, and each slot's label (the extra last slot, "no leader", is labelled -1)."""
     q, kmax = labels.shape
-    # Slot of each neighbour: the index of its label among the row's distinct labels.
-    order = np.argsort(labels, axis=1, kind="stable")
+    # Stable sort (a group's first member is its first appearance); 16-bit keys sort by radix.
+    keys = labels.astype(np.int16) if labels.size and labels.max() < np.iinfo(np.int16).max else labels
+    order = np.argsort(keys, axis=1, kind="stable")  # stable: a group's first member is its first appearance
     sorted_labels = np.take_along_axis(labels, order, axis=1)
     new_group = np.ones((q, kmax), dtype=bool)
     new_group[:, 1:] = sorted_labels[:, 1:] != sorted_labels[:, :-1]
+    is_first = np.empty_like(new_group)
+    np.put_along_axis(is_first, order, new_group, axis=1)
+    first_slot = np.cumsum(is_first, axis=1) - 1  # valid at first appearances
+    # Every member takes its group's first member's slot.
+    start = np.maximum.accumulate(np.where(new_group, np.arange(kmax), 0), axis=1)
+    slot_sorted = np.take_along_axis(first_slot, np.take_along_axis(order, start, axis=1), axis=1)
     slot = np.empty((q, kmax), dtype=np.int64)
-    np.put_along_axis(slot, order, np.cumsum(new_group, axis=1) - 1, axis=1)
-    slot_label = np.full((q, kmax), EXCLUDED, dtype=np.int64)
+    np.put_along_axis(slot, order, slot_sorted, axis=1)
+    slot_label = np.full((q, kmax + 1), EXCLUDED, dtype=np.int64)
     np.put_along_axis(slot_label, slot, labels, axis=1)
+    return slot, slot_label
 
-    rows = np.arange(q)
-    scores = np.zeros((q, kmax), dtype=np.float64)
-    first_rank = np.full((q, kmax), kmax, dtype=np.int64)
-    leader = np.full(q, -1, dtype=np.int64)  # a slot, -1 before any valid neighbour
-    out = np.empty((q, kmax), dtype=np.int64)
-    # Column-major copies: each step reads one contiguous column.
-    valid_t, slot_t, w_t = np.ascontiguousarray((labels != EXCLUDED).T), np.ascontiguousarray(slot.T), np.ascontiguousarray(w.T)
+
+def _leaders_all_k(valid_t, slot_t, flat_t, w_t, shape):
+    """``(Q, K)`` leading slot after each neighbour column (``K`` before any valid neighbour)."""
+    q, kmax = shape
+    scores = np.zeros(q * kmax, dtype=np.float64)
+    leader = np.full(q, kmax, dtype=np.int64)  # above every slot: "no leader yet", loses every tie
+    lead_score = np.full(q, -1.0)  # below any score (weights are >= 0)
+    out = np.empty((kmax, q), dtype=np.int64)
+    tol, diff = np.empty(q), np.empty(q)
     for j in range(kmax):
-        valid, c = valid_t[j], slot_t[j]
-        scores[rows, c] += w_t[j]  # w is 0 where invalid
-        first_rank[rows, c] = np.where(valid, np.minimum(first_rank[rows, c], j), first_rank[rows, c])
-        cand = scores[rows, c]
-        lead = np.maximum(leader, 0)
-        lead_score = np.where(leader >= 0, scores[rows, lead], -np.inf)
-        tie = (leader >= 0) & (np.abs(cand - lead_score) <= _TIE_RTOL * np.abs(lead_score))
-        wins = valid & ((cand > lead_score) & ~tie | tie & (first_rank[rows, c] < first_rank[rows, lead]))
-        leader = np.where(wins, c, leader)
-        out[:, j] = leader
-    return np.where(out >= 0, np.take_along_axis(slot_label, np.maximum(out, 0), axis=1), EXCLUDED)
+        valid, c, idx = valid_t[j], slot_t[j], flat_t[j]
+        cand = scores[idx]
+        cand += w_t[j]  # w is 0 where invalid
+        scores[idx] = cand
+        np.abs(lead_score, out=tol)
+        tol *= _TIE_RTOL
+        np.subtract(cand, lead_score, out=diff)
+        # Wins: clearly ahead, or tied (within tol) with an earlier first appearance (lower slot).
+        wins = valid & ((diff > tol) | ((diff >= -tol) & (c < leader)))
+        np.copyto(lead_score, cand, where=wins | (valid & (c == leader)))  # also when the leader itself grew
+        np.copyto(leader, c, where=wins)
+        out[j] = leader
+    return out.T
