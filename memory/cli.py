@@ -90,7 +90,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
     q.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
     q.add_argument("--probe-shards", type=int, default=None,
-                   help="k-means memories: search each query only in the shards of its P nearest centroids")
+                   help="k-means memories: search each query only in the P shards holding its most similar k-means cells")
     q.add_argument("--out", default=None, help="write predictions + neighbours to this Parquet file")
     q.set_defaults(func=lambda a: query_memory(
         a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,

@@ -215,8 +215,9 @@ class Memory:
 
         ``leaves_to_search`` and ``reorder`` override each ScaNN shard's build-time settings (trading
         recall for speed); the exact backend ignores them. ``probe_shards=P`` on a k-means
-        partitioned memory searches each query only in the shards of its ``P`` nearest centroids
-        (all shards when ``P`` covers every partition).
+        partitioned memory searches each query only in the ``P`` partitions nearest to it, a
+        partition's distance being that of its most similar k-means cell (all shards when ``P``
+        covers every partition).
 
         Raises:
             ValueError: wrong dimension, NaN/inf or zero queries, k < 1, an empty memory, or

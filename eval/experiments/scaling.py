@@ -90,7 +90,7 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
     costs = {name: dict(series[name][2] or {}) for name in labels}
     full_error = {name: runs[name]["error_percent"][-1] for name in labels}
     order = sorted(labels, key=lambda n: -full_error[n])  # weakest first
-    header = ["encoder", "params (M)", "images/s here", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
+    header = ["encoder", "params (M)", "images/s (encoder alone)", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
     rows = []
     for name in order:
         f, c = runs[name], costs[name]
