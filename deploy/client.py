@@ -71,14 +71,20 @@ class VismemClient:
         """``{version, method, k, results: [{label, label_index, scores, neighbours}]}``, one result per query.
 
         ``images`` are encoded image files (PNG/JPEG bytes), for a server started with ``--encoder``;
-        ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``.
+        ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``, and ``probe_shards`` (k-means memories).
         """
         body = {**self._queries(embeddings, images), "k": k, "method": method, "neighbours": neighbours, **voting}
         return self._call("POST", "/v1/classify", body)
 
-    def neighbors(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 10) -> dict:
-        """``{version, neighbours: [[{id, label, label_name, sim}, ...], ...]}``, best first."""
-        return self._call("POST", "/v1/neighbors", {**self._queries(embeddings, images), "k": k})
+    def neighbors(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 10,
+                  probe_shards: int | None = None) -> dict:
+        """``{version, neighbours: [[{id, label, label_name, sim}, ...], ...]}``, best first.
+
+        ``probe_shards``: on a k-means memory, search only the P shards nearest each query."""
+        body = {**self._queries(embeddings, images), "k": k}
+        if probe_shards is not None:
+            body["probe_shards"] = probe_shards
+        return self._call("POST", "/v1/neighbors", body)
 
     def add_items(self, ids, embeddings, labels, *, class_names=None, readmit: bool = False, sources=None) -> dict:
         """Add items (labels are class names) as a new version; returns the add's summary."""

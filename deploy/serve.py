@@ -72,6 +72,8 @@ class Query(BaseModel):
     images: list[str] | None = Field(
         None, description="base64-encoded image files (PNG, JPEG, ...); needs a server started with --encoder")
     k: int = Field(10, description="neighbours per query")
+    probe_shards: int | None = Field(
+        None, ge=1, description="k-means memories: search only the P shards nearest each query (default: all)")
 
 
 class ClassifyQuery(Query):
@@ -455,7 +457,7 @@ def create_app(memory_path: str, *, version: int | None = None, encoder: str | N
     def neighbors(body: Query):
         with served.use() as mem:
             q = queries(body, mem)
-            nb = _search(mem.search, q, body.k)
+            nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards)
             names = mem.class_names
             return {"version": mem.version, "neighbours": [neighbour_rows(nb, names, i) for i in range(len(q))]}
 
@@ -465,7 +467,7 @@ def create_app(memory_path: str, *, version: int | None = None, encoder: str | N
         with served.use() as mem:
             q = queries(body, mem)
             res = _search(mem.classify, q, body.k, body.method, use_weights=body.use_weights,
-                          alpha=body.alpha, tau=body.tau, xi=body.xi)
+                          alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards)
             names = mem.class_names
             results = []
             for i, p in enumerate(res.predictions):

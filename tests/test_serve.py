@@ -128,6 +128,9 @@ def test_bad_input_gets_a_4xx_that_names_the_problem(served):
         (_post(url, "/v1/classify", {"embeddings": [row], "images": ["aGk="]}), 422, "exactly one"),
         (_post(url, "/v1/classify", {"images": ["aGk="]}), 422, "--encoder"),
         (_post(url, "/v1/classify", {"embeddings": [[1e39] * DIM]}), 422, "overflows float32"),
+        (_post(url, "/v1/neighbors", {"embeddings": [row], "probe_shards": 1}), 422,
+         "probe_shards needs a k-means partitioned memory"),
+        (_post(url, "/v1/classify", {"embeddings": [row], "probe_shards": 0}), 422, "probe_shards"),
     ]
     for res, status, words in cases:
         assert res.status_code == status, (words, res.status_code, res.text)
@@ -231,3 +234,29 @@ def test_admin_is_disabled_without_a_token(tmp_path):
         assert r.status_code == 403 and "VISMEM_ADMIN_TOKEN" in r.json()["error"]
         assert mf.list_versions(root) == [1]
         assert json.loads(httpx.get(srv.url + "/v1/info").text)["admin_enabled"] is False
+
+
+def test_routed_search_on_a_kmeans_memory_equals_the_memory_itself(tmp_path):
+    from memory import schema
+    from pipelines.build import build_memory
+
+    x, labels = clustered(800, DIM, 8, seed=9, noise=0.2)
+    schema.write_embeddings(str(tmp_path / "emb.parquet"), schema.embedding_table(
+        np.array([f"r-{i:04d}" for i in range(800)], dtype=object), x, labels % len(CLASSES)))
+    root = str(tmp_path / "mem")
+    build_memory(str(tmp_path / "emb.parquet"), root, num_shards=4, class_names=CLASSES, partition="kmeans",
+                 kmeans_cells=16, backend="exact",
+                 pipeline_args=["--runner=DirectRunner", "--direct_running_mode=in_memory"])
+    q, _ = clustered(12, DIM, 8, seed=10, noise=0.2)
+    with Memory.open(root) as mem:
+        want = mem.classify(q, k=7, probe_shards=1)
+        want_nb = mem.search(q, 5, probe_shards=2)
+        everywhere = mem.search(q, 5)
+    with Running(create_app(root)) as srv, VismemClient(srv.url) as c:
+        res = c.classify(q, k=7, probe_shards=1)
+        nb = c.neighbors(q, k=5, probe_shards=2)
+        nb_all = c.neighbors(q, k=5)
+    assert [[n["id"] for n in r["neighbours"]] for r in res["results"]] == want.neighbours.ids.tolist()
+    assert [r["label_index"] for r in res["results"]] == want.predictions.tolist()
+    assert [[n["id"] for n in row] for row in nb["neighbours"]] == want_nb.ids.tolist()
+    assert [[n["id"] for n in row] for row in nb_all["neighbours"]] == everywhere.ids.tolist()
