@@ -17,7 +17,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -28,13 +27,7 @@ from memory import Memory, schema, write_memory  # noqa: E402
 from memory.mutations import remove_items  # noqa: E402
 from pipelines.build import build_memory  # noqa: E402
 from pipelines.compact import compact_memory  # noqa: E402
-from search import make_data  # noqa: E402  (benchmarks/search.py: the same data)
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+from search import add_data_args, make_data, timed  # noqa: E402  (benchmarks/search.py: the same data)
 
 
 def write_inputs(folder, x, labels, files):
@@ -61,10 +54,7 @@ def search_qps(mem, q, k, **kw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="memory items")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--clusters", type=int, default=1000)
-    ap.add_argument("--queries", type=int, default=10_000)
+    add_data_args(ap)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--files", type=int, default=16, help="embedding shards (input files)")
     ap.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")

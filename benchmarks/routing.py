@@ -30,28 +30,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from memory import Memory, schema, write_memory  # noqa: E402
+from build import write_inputs  # noqa: E402  (benchmarks/build.py: the same input files)
+from memory import Memory, write_memory  # noqa: E402
 from memory.partition import kmeans_partition, nearest_partitions  # noqa: E402
 from pipelines.build import build_memory  # noqa: E402
-from search import make_data, recall  # noqa: E402  (benchmarks/search.py: the same data)
-
-
-def best_time(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
-def write_inputs(folder, x, labels, files):
-    ids = np.array([f"x{i:08d}" for i in range(len(x))], dtype=object)
-    for f in range(files):
-        sl = slice(len(x) * f // files, len(x) * (f + 1) // files)
-        schema.write_embeddings(os.path.join(folder, f"part-{f:05d}.parquet"),
-                                schema.embedding_table(ids[sl], x[sl], labels[sl]))
-    return ids
+from search import add_data_args, make_data, recall, timed  # noqa: E402  (benchmarks/search.py: the same data)
 
 
 def best_at(rows, target):
@@ -61,10 +44,7 @@ def best_at(rows, target):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="memory items")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--clusters", type=int, default=1000)
-    ap.add_argument("--queries", type=int, default=10_000)
+    add_data_args(ap)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--cells", default="8,128", help="k-means cells per built memory, comma separated")
     ap.add_argument("--probes", default="1,2,3,4", help="probe_shards values to sweep")
@@ -120,7 +100,7 @@ def main(argv=None):
         rows = []
         for setting in grid:
             search(q[:512], setting)  # warm-up
-            secs, got = best_time(lambda: search(q, setting), args.repeat)
+            secs, got = timed(lambda: search(q, setting), args.repeat)
             rows.append({"setting": setting, "recall@10": recall(got, truth, 10), "qps": len(q) / secs})
         res["curves"][name] = rows
         best = best_at(rows, args.target)

@@ -61,12 +61,17 @@ def sgemm_bound(dim, n, queries, threads):
     return flops, flops / (2 * n * dim)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_args(ap):
+    """The benchmark data's size options, shared by every benchmark that uses :func:`make_data`."""
     ap.add_argument("--n", type=int, default=1_000_000, help="memory items")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=10_000)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list of methods to skip: hnswlib,faiss-ivf,exact,scann")
     ap.add_argument("--out", default="bench-out/search.json")

@@ -1,5 +1,6 @@
 """Shared fixtures: seeded clustered embeddings with a brute-force oracle, and a real GCS emulator."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,3 +73,18 @@ def gcs_emulator():
 @pytest.fixture
 def gcs_path(gcs_emulator):
     return f"{gcs_emulator}/{uuid.uuid4().hex}"
+
+
+def kill_tree(proc):
+    """SIGKILL a started process and every process it started (e.g. a Ray head and its workers), by id."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    tree = [root] + root.children(recursive=True)
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    psutil.wait_procs(tree, timeout=30)

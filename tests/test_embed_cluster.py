@@ -3,7 +3,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import tempfile
 import time
 
 import numpy as np
-import psutil
 
+from conftest import kill_tree
 from pipelines.encoders import load_encoder
 from pipelines.outputs import read_run
 from pipelines.sources import fashion_mnist
@@ -59,14 +58,5 @@ def test_embed_on_a_ray_start_head_cluster(tmp_path):
         np.testing.assert_array_equal(run["labels"], y[:60])
         np.testing.assert_allclose(run["embeddings"], load_encoder("efficientnet-lite0", 32).embed(x[:60]), atol=1e-4)
     finally:
-        # Stop the head this test started, and everything it started, by process id.
-        root = psutil.Process(head.pid)
-        tree = [root] + root.children(recursive=True)
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        head.wait(30)
-        psutil.wait_procs(tree, timeout=30)
+        kill_tree(head)  # the head this test started, and everything it started, by process id
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -2,15 +2,14 @@
 re-run; the result must be exactly the rows of an uninterrupted run, with no loss and no duplicates."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 
+from conftest import kill_tree
 from pipelines.outputs import OutputLayout, read_run
 
 ARGS = ["fashion-mnist", "--split", "test", "--limit", "360", "--shard-size", "30", "--image-size", "32",
@@ -27,19 +26,6 @@ def _done(out):
     return sorted(n for n in os.listdir(d) if n.endswith(".parquet")) if d.exists() else []
 
 
-def _kill_tree(proc):
-    """SIGKILL the run's process group and every process it started (Ray's head and workers), by id."""
-    root = psutil.Process(proc.pid)
-    tree = [root] + root.children(recursive=True)
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(30)
-    psutil.wait_procs(tree, timeout=30)
-
-
 def test_sigkill_midway_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path):
     out, ref = tmp_path / "killed", tmp_path / "reference"
     proc = _vismem(out)
@@ -47,7 +33,7 @@ def test_sigkill_midway_then_rerun_gives_exactly_the_uninterrupted_rows(tmp_path
     while len(_done(out)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    _kill_tree(proc)
+    kill_tree(proc)
     survivors = _done(out)
     assert 2 <= len(survivors) < 12, survivors
     for name in survivors:  # whatever is under a final name is a whole, readable shard
