@@ -42,15 +42,14 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
         best = np.maximum(best, x @ c)
     c = np.stack(centroids)
     for _ in range(iterations):
-        sims = x @ c.T
-        assign = sims.argmax(1)
+        assign, best = _nearest(x, c)
         new = np.zeros_like(c)
         np.add.at(new, assign, x)
         counts = np.bincount(assign, minlength=k)
         for j in np.flatnonzero(counts == 0):
-            far = int(np.argmin(sims[np.arange(len(x)), assign]))
+            far = int(np.argmin(best))
             new[j] = x[far]
-            assign[far] = j
+            assign[far], best[far] = j, np.inf
         norms = np.linalg.norm(new, axis=1, keepdims=True)
         new = new / np.where(norms > 0, norms, 1.0)
         if np.allclose(new, c, atol=1e-7):
@@ -58,6 +57,18 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
             break
         c = new
     return c.astype(np.float32)
+
+
+def _nearest(x, c, block: int = 8192):
+    """``(index, similarity)`` of each row's most similar centroid, in row blocks: memory stays at
+    ``block x len(c)`` however large the sample and the number of cells."""
+    assign = np.empty(len(x), np.int64)
+    best = np.empty(len(x), np.float64)
+    for a in range(0, len(x), block):
+        sims = x[a:a + block] @ c.T
+        assign[a:a + block] = sims.argmax(1)
+        best[a:a + block] = sims[np.arange(len(sims)), assign[a:a + block]]
+    return assign, best
 
 
 def group_cells(centroids, counts, num_shards: int, *, slack: float = 0.1) -> np.ndarray:
@@ -133,10 +144,10 @@ def nearest_partitions(queries, centroids, probe: int, cell_partitions=None) -> 
     sims = np.asarray(queries, np.float32) @ c.T
     if cell_partitions is not None:
         part = np.asarray(cell_partitions, np.int64)
-        num = int(part.max()) + 1
-        best = np.full((len(sims), num), -np.inf, np.float32)
-        for j in range(num):  # a handful of shards; each is one vectorised max over its cells
-            best[:, j] = sims[:, part == j].max(axis=1)
+        order = np.argsort(part, kind="stable")  # cells grouped by partition, then one max per group
+        present, starts = np.unique(part[order], return_index=True)
+        best = np.full((len(sims), int(part.max()) + 1), -np.inf, np.float32)
+        best[:, present] = np.maximum.reduceat(sims[:, order], starts, axis=1)
         sims = best
     probe = int(min(max(probe, 1), sims.shape[1]))
     return np.argsort(-sims, axis=1, kind="stable")[:, :probe]

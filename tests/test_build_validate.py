@@ -85,6 +85,9 @@ def test_router_groups_fine_cells_into_balanced_shards_and_routes_by_the_nearest
     sims = x[:3] @ centroids.T
     shard_best = np.stack([sims[:, cell_part == j].max(1) for j in range(4)], axis=1)
     np.testing.assert_array_equal(route[:3], np.argsort(-shard_best, axis=1, kind="stable")[:, :2])
+    # A partition without cells (its items all compacted away, say) is never visited before the others.
+    sparse = nearest_partitions(x[:50], centroids[:3], 3, [2, 0, 2])
+    assert (sparse[:, 2] == 1).all() and set(sparse[:, 0]) <= {0, 2}
 
 
 def test_group_cells_identity_when_one_cell_per_shard_and_rejects_too_few_cells():
