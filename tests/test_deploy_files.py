@@ -188,3 +188,15 @@ def test_beam_runner_settings_build_a_pipeline_without_submitting(runner, monkey
     else:
         pipeline = beam.Pipeline(options=opts)  # constructs the runner; nothing is submitted
         assert type(pipeline.runner).__name__ == name
+
+
+def test_the_direct_runner_means_its_fnapi_runner_never_a_prism_download():
+    for args in ([], ["--runner=DirectRunner"], ["--runner", "DirectRunner", "--direct_num_workers=2"],
+                 ["--runner=direct"]):
+        opts = pipeline_options(args)
+        assert opts.view_as(StandardOptions).runner == "FnApiRunner", args
+    assert pipeline_options(["--runner", "DirectRunner", "--direct_num_workers=2"]).get_all_options()[
+        "direct_num_workers"] == 2
+    # Other runners pass through untouched.
+    assert pipeline_options(["--runner=FlinkRunner"]).view_as(StandardOptions).runner == "FlinkRunner"
+    assert pipeline_options(["--runner=PrismRunner"]).view_as(StandardOptions).runner == "PrismRunner"
