@@ -96,10 +96,13 @@ def group_cells(centroids, counts, num_shards: int, *, slack: float = 0.1) -> np
         i = int(np.argmax(np.where(out < 0, sims[:, j], -np.inf)))
         out[i], load[j] = j, load[j] + counts[i]
     order = np.lexsort((np.arange(sims.size), -sims.ravel()))
+    left = int((out < 0).sum())
     for flat in order:
+        if left == 0:
+            break
         i, j = divmod(int(flat), s)
         if out[i] < 0 and load[j] + counts[i] <= capacity:
-            out[i], load[j] = j, load[j] + counts[i]
+            out[i], load[j], left = j, load[j] + counts[i], left - 1
     for i in np.flatnonzero(out < 0):
         j = int(np.argmin(load))
         out[i], load[j] = j, load[j] + counts[i]
