@@ -1,8 +1,8 @@
 """``vismem demo``: the main job end to end on the embedded defaults (local Ray, Beam DirectRunner).
 
-Run: ``make demo`` (fresh clone: installs, then this). Default sizes: about 4.5 minutes on 2 CPU
-cores after a 4-minute installation (8.5 minutes from a fresh clone, measured); ``--full`` uses all
-60,000 + 10,000 images (hours here).
+Run: ``make demo`` (fresh clone: installs, then this). Default sizes: about 4 minutes on 2 CPU
+cores after a 3.5-4 minute installation (7.3-8.5 minutes from a fresh clone, measured); ``--full``
+uses all 60,000 + 10,000 images (hours here).
 
 1. Fashion-MNIST training images (Debian package) are embedded with EfficientNet-Lite0 by the Ray
    pipeline; half of them are treated as unlabelled. A teacher (a linear probe fit on the
