@@ -27,6 +27,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--rerank-model", default=None, help="model name sent to the re-ranker")
     p.add_argument("--rerank-k", type=int, default=50, help="neighbours shown to the re-ranker")
     p.add_argument("--rerank-queries", type=int, default=200, help="queries sent to the re-ranker")
+    p.add_argument("--probe-shards", type=int, default=None,
+                   help="k-means memories: search each query only in its P nearest shards (default: all)")
     p.add_argument("--ray-address", default=None,
                    help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
 
@@ -41,6 +43,7 @@ def add_parsers(sub) -> None:
             reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
         return evaluate(a.memory, a.queries, a.out, k_max=a.k_max, ood_queries_path=a.ood,
                         batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address,
-                        reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries)
+                        reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
+                        probe_shards=a.probe_shards)
 
     p.set_defaults(func=run)

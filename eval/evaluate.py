@@ -28,14 +28,16 @@ SWEEPS = {
 DEFAULTS = {"alpha": 2.0, "tau": 0.07, "xi": 1.0}
 
 
-def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int = 4096):
-    """``(labels, sims, weights)`` of the k_max nearest neighbours of every query, in batches."""
+def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int = 4096,
+             probe_shards: int | None = None):
+    """``(labels, sims, weights)`` of the k_max nearest neighbours of every query, in batches
+    (``probe_shards``: routed search on a k-means memory)."""
     from tqdm import tqdm
 
     parts = []
     for start in tqdm(range(0, len(embeddings), batch_size), desc="retrieve", unit="batch",
                       disable=len(embeddings) <= batch_size):
-        nb = memory.search(embeddings[start:start + batch_size], k_max)
+        nb = memory.search(embeddings[start:start + batch_size], k_max, probe_shards=probe_shards)
         parts.append((nb.labels, nb.sims, nb.weights))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
@@ -84,7 +86,7 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
 def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 100,
              ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
              version: int | None = None, ray_address: str | None = None, reranker=None,
-             rerank_k: int = 50, rerank_queries: int = 200) -> dict:
+             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None) -> dict:
     """Evaluate a memory against labelled query embeddings; write the report under ``out_dir``.
 
     With a ``reranker`` (``eval.rerank.Reranker``), the first ``rerank_queries`` queries and their
@@ -94,6 +96,9 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
 
     With ``ray_address`` (a cluster address, or ``local`` for a local instance) the memory's shards
     are hosted by Ray actors across the cluster and every query batch fans out to them.
+
+    With ``probe_shards`` (a k-means memory) each query searches only its nearest shards, so the
+    report shows what routing costs in accuracy.
     """
     queries = schema.read_embedding_shards(queries_path)
     known = queries["labels"] >= 0
@@ -115,10 +120,10 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
         if truth.max() >= num_classes:
             raise ValueError(f"query labels reach {truth.max()}, but the memory has {num_classes} classes")
         t0 = time.perf_counter()
-        labels, sims, weights = retrieve(mem, q, k_max, batch_size)
+        labels, sims, weights = retrieve(mem, q, k_max, batch_size, probe_shards)
         retrieval_s = time.perf_counter() - t0
         ood_sims = retrieve(mem, schema.read_embedding_shards(ood_queries_path)["embeddings"], k_max,
-                            batch_size)[1] if ood_queries_path else None
+                            batch_size, probe_shards)[1] if ood_queries_path else None
         reranked = None
         if reranker is not None:
             reranked = _rerank(mem, memory_path, reranker, q[:rerank_queries], truth[:rerank_queries],
@@ -152,7 +157,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
                 for i, d in enumerate(dist_in)]
     records += [{"figure": "sweep", "method": m, "value": v, "best_k": int(a.argmax()) + 1, "best": float(a.max())}
                 for m, by in sweeps.items() for v, a in by.items()]
-    timing = {"queries": int(len(truth)), "k_max": k_max, "retrieval_s": retrieval_s,
+    timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": retrieval_s,
               "scoring_all_rules_all_k_s": scoring_s, "scoring_over_retrieval": scoring_s / retrieval_s}
     records.append({"figure": "timing", **timing})
     if reranked is not None:
@@ -196,7 +201,9 @@ def _report(memory_path, version, queries_path, timing, best, honest, hit, rel_f
     lines = [
         "# Evaluation report", "",
         f"Memory `{memory_path}` (version {version}); queries `{queries_path}` ({timing['queries']} labelled); "
-        f"k-max {timing['k_max']}.", "",
+        f"k-max {timing['k_max']}"
+        + (f"; each query searched only its {timing['probe_shards']} nearest shards (k-means routing)"
+           if timing.get("probe_shards") else "") + ".", "",
         f"Retrieval {timing['retrieval_s']:.2f} s; scoring every rule at every k "
         f"{timing['scoring_all_rules_all_k_s']:.2f} s ({100 * timing['scoring_over_retrieval']:.1f}% of retrieval).", "",
         "## Top-1 accuracy by voting rule", "",

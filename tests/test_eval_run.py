@@ -61,3 +61,32 @@ def test_eval_refuses_unlabelled_queries(tmp_path):
         assert "no labelled rows" in str(exc)
     else:
         raise AssertionError("unlabelled queries were accepted")
+
+
+def test_routed_eval_on_a_kmeans_memory(tmp_path):
+    import pytest
+
+    from memory import Memory
+    from pipelines.build import build_memory
+
+    x, labels = clustered(1700, 16, 12, seed=21, noise=0.6)
+    ids = np.array([f"m{i}" for i in range(1500)], dtype=object)
+    schema.write_embeddings(str(tmp_path / "m.parquet"), schema.embedding_table(ids, x[:1500], labels[:1500] % 4))
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table([f"q{i}" for i in range(200)], x[1500:], labels[1500:] % 4))
+    mem, queries = str(tmp_path / "mem"), str(tmp_path / "q.parquet")
+    build_memory(str(tmp_path / "m.parquet"), mem, num_shards=4, class_names=list("abcd"), partition="kmeans",
+                 kmeans_cells=16, backend="exact", pipeline_args=["--direct_running_mode=in_memory"])
+    everywhere = evaluate(mem, queries, str(tmp_path / "all"), k_max=20)
+    routed = evaluate(mem, queries, str(tmp_path / "p1"), k_max=20, probe_shards=1)
+    visit_all = evaluate(mem, queries, str(tmp_path / "p4"), k_max=20, probe_shards=4)
+    assert visit_all["best_k_on_eval_set"] == everywhere["best_k_on_eval_set"]
+    # The routed figures are those of the routed neighbours, computed directly.
+    with Memory.open(mem) as m:
+        nb = m.search(x[1500:], 20, probe_shards=1)
+    want = voting.predict(nb.labels, nb.sims, method="rank", num_classes=4, k=routed["best_k_on_eval_set"]["rank"]["k"])
+    assert routed["best_k_on_eval_set"]["rank"]["accuracy"] == pytest.approx(float((want == labels[1500:] % 4).mean()))
+    assert "searched only its 1 nearest shards" in open(routed["report"]).read()
+    with pytest.raises(ValueError, match="probe_shards needs a k-means partitioned memory"):
+        write_memory(str(tmp_path / "h"), x[:100], labels[:100] % 4, ids[:100], class_names=list("abcd"))
+        evaluate(str(tmp_path / "h"), queries, str(tmp_path / "h-out"), k_max=5, probe_shards=1)
