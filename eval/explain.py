@@ -85,6 +85,13 @@ window.addEventListener('load', function () {
 """
 
 
+def _neighbour_images(nb, j, uris: dict, resolver):
+    """``(column, image bytes or None)`` of query ``j``'s valid neighbours (excluded ones skipped)."""
+    for i in range(nb.ids.shape[1]):
+        if nb.labels[j, i] >= 0:
+            yield i, resolver(uris.get(nb.ids[j, i], ""))
+
+
 def explain_page(memory_path: str, queries: dict, out_html: str, *, rows=None, k: int = 10,
                  method: str = "rank", alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
                  residual_k: int = 5, misclassified: int = 0, resolver=resolve_image) -> dict:
@@ -134,19 +141,13 @@ def explain_page(memory_path: str, queries: dict, out_html: str, *, rows=None, k
         top = np.argsort(-res.scores[j])[:3]
         parts += [f"<tr><td>{html.escape(names[c])}</td><td>{res.scores[j, c]:.4f}</td></tr>" for c in top]
         parts.append("</table></div></div><p>nearest neighbours (label, similarity, vote weight):</p><div class='row'>")
-        for i in range(nb.ids.shape[1]):
-            if nb.labels[j, i] < 0:
-                continue
-            data = resolver(uris.get(nb.ids[j, i], ""))
+        for i, data in _neighbour_images(nb, j, uris, resolver):
             images += data is not None
             cls = "right" if nb.labels[j, i] == truth else "wrong"
             parts.append(f"<div class='nb'>{_img(data, nb.ids[j, i])}<br><span class='{cls}'>"
                          f"{html.escape(names[nb.labels[j, i]])}</span><br>s={nb.sims[j, i]:.3f} w={w[j, i]:.3f}</div>")
         parts.append("</div><p>neighbours of the residual (query − nearest neighbour):</p><div class='row'>")
-        for i in range(res_nb.ids.shape[1]):
-            if res_nb.labels[j, i] < 0:
-                continue
-            data = resolver(uris.get(res_nb.ids[j, i], ""))
+        for i, data in _neighbour_images(res_nb, j, uris, resolver):
             images += data is not None
             parts.append(f"<div class='nb'>{_img(data, res_nb.ids[j, i])}<br>"
                          f"{html.escape(names[res_nb.labels[j, i]])}<br>s={res_nb.sims[j, i]:.3f}</div>")

@@ -209,25 +209,9 @@ def sample_rows(batch, fraction):
     return batch["embeddings"][_unit_hash(batch["ids"]) < fraction]
 
 
-class ConcatRows(beam.CombineFn):
-    def __init__(self, dim):
-        self.dim = dim
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, rows):
-        acc.append(rows)
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [r for acc in accs for r in acc]
-
-    def extract_output(self, acc):
-        return np.concatenate(acc) if acc else np.zeros((0, self.dim), np.float32)
-
-
 class ConcatLists(beam.CombineFn):
+    """Lists in, one list out."""
+
     def create_accumulator(self):
         return []
 
@@ -240,6 +224,20 @@ class ConcatLists(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
+
+
+class ConcatRows(ConcatLists):
+    """Row blocks ``(n_i, dim)`` in, one ``(sum n_i, dim)`` array out."""
+
+    def __init__(self, dim):
+        self.dim = dim
+
+    def add_input(self, acc, rows):
+        acc.append(rows)
+        return acc
+
+    def extract_output(self, acc):
+        return np.concatenate(acc) if acc else np.zeros((0, self.dim), np.float32)
 
 
 def train_centroids(sample, cfg: BuildConfig) -> dict:

@@ -102,8 +102,8 @@ def _encoder_series(out_dir: str, encoder: str, *, train: int, test: int, unlabe
     from eval.experiments import common
 
     tr, te = os.path.join(out_dir, f"emb-train-{encoder}"), os.path.join(out_dir, f"emb-test-{encoder}")
-    runs = [_embed("train", tr, limit=train, image_size=image_size, unlabelled_fraction=unlabelled_fraction,
-                   encoder=encoder), _embed("test", te, limit=test, image_size=image_size, encoder=encoder)]
+    _embed("train", tr, limit=train, image_size=image_size, unlabelled_fraction=unlabelled_fraction, encoder=encoder)
+    _embed("test", te, limit=test, image_size=image_size, encoder=encoder)
     return (common.read_split(os.path.join(tr, "embeddings")), common.read_split(os.path.join(te, "embeddings")),
             _encoder_cost(encoder, image_size))
 

@@ -83,8 +83,7 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
                              f"(only {len(mem_ids)} items and {len(q_ids)} queries in common); "
                              "embed the same images with every encoder")
     series = {name: (_select(mem, mem_ids), _select(q, q_ids), cost) for name, (mem, q, cost) in series.items()}
-    first_ids = mem_ids
-    sizes = nested_sizes(len(first_ids), len(class_names), steps)
+    sizes = nested_sizes(len(mem_ids), len(class_names), steps)
     runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name)["figures"]
             for name, (mem, q, _) in series.items()}
     costs = {name: dict(series[name][2] or {}) for name in labels}
