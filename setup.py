@@ -9,9 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*"]),
+    packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*", "demo*", "cli*"]),
     package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"]},
-    py_modules=["vismem_cli"],
     install_requires=[
         "numpy>=1.24",
         # The CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
@@ -47,5 +46,5 @@ setup(
         # Baselines the search benchmark compares against.
         "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8"],
     },
-    entry_points={"console_scripts": ["vismem=vismem_cli:main"]},
+    entry_points={"console_scripts": ["vismem=cli.main:main"]},
 )

@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/embed.py`` (about 3 minutes on 2 idle cores). Same encoder, batch size, image size
 and torch thread count on both sides, on real Fashion-MNIST; one size after the other, the plain loop
-before and after the pipeline (averaged), the pipeline in a fresh process (``python -m vismem_cli embed``). Two pipeline figures:
+before and after the pipeline (averaged), the pipeline in a fresh process (``python -m cli embed``).
+Two pipeline figures:
 
 - ``encode`` images/s: from the moment the encoder actors are ready to the last shard written (what the
   plain loop's figure also measures: model loaded, images in memory, embeddings out), and
@@ -26,10 +27,11 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from pipelines.encoders import load_encoder  # noqa: E402
 from pipelines.sources import fashion_mnist  # noqa: E402
+from search import int_list, print_table, write_json  # noqa: E402  (benchmarks/search.py)
 
 
 def plain_loop(images: np.ndarray, encoder_name: str, image_size: int, batch_size: int, threads: int,
@@ -53,7 +55,7 @@ def plain_loop(images: np.ndarray, encoder_name: str, image_size: int, batch_siz
 def pipeline(n: int, encoder_name: str, image_size: int, batch_size: int, threads: int, device: str,
              shard_size: int, workers: int) -> dict:
     out = tempfile.mkdtemp(prefix="vismem-bench-embed-")
-    cmd = [sys.executable, "-m", "vismem_cli", "embed", "fashion-mnist", out, "--limit", str(n),
+    cmd = [sys.executable, "-m", "cli", "embed", "fashion-mnist", out, "--limit", str(n),
            "--encoder", encoder_name, "--image-size", str(image_size), "--batch-size", str(batch_size),
            "--shard-size", str(shard_size), "--num-workers", str(workers), "--threads-per-worker", str(threads),
            "--device", device, "--no-progress"]
@@ -70,11 +72,12 @@ def pipeline(n: int, encoder_name: str, image_size: int, batch_size: int, thread
             "end_to_end_images_per_s": round(n / wall, 2), "ray": summary["ray"]}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="efficientnet-lite0")
-    p.add_argument("--sizes", default="64,224", help="image sizes, comma-separated")
-    p.add_argument("--images", default="960,192", help="images per size, comma-separated (same order)")
+    p.add_argument("--sizes", type=int_list, default="64,224", help="image sizes, comma-separated")
+    p.add_argument("--images", type=int_list, default="960,192",
+                   help="images per size, comma-separated (same order)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     p.add_argument("--workers", type=int, default=1, help="encoder actors of the pipeline")
@@ -82,45 +85,59 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench-out", "embed.json"))
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    counts = [int(s) for s in args.images.split(",")]
-    if len(counts) != len(sizes):
+    if len(args.images) != len(args.sizes):
         p.error("--images needs one count per --sizes entry")
-    images, _ = fashion_mnist("train")
-    device_name = platform.processor() or platform.machine()
-    if args.device == "cuda":
+    return args
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
         import torch
 
-        device_name = torch.cuda.get_device_name(0)
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def bench_size(args, images: np.ndarray, size: int) -> dict:
+    """One image size: the plain loop, the pipeline, the plain loop again, on the same ``images``."""
+    n = len(images)
+    # The plain loop runs before and after the pipeline and the two are averaged: on a shared machine
+    # the load drifts, and bracketing keeps the drift out of the ratio.
+    before = plain_loop(images, args.encoder, size, args.batch_size, args.threads, args.device)
+    pipe = pipeline(n, args.encoder, size, args.batch_size, args.threads, args.device, args.shard_size,
+                    args.workers)
+    after = plain_loop(images, args.encoder, size, args.batch_size, args.threads, args.device)
+    base = {"images": n, "runs_images_per_s": [before["images_per_s"], after["images_per_s"]],
+            "images_per_s": round((before["images_per_s"] + after["images_per_s"]) / 2, 2)}
+    return {"image_size": size, "images": n, "plain": base, "vismem_embed": pipe,
+            "ratio_encode": round(pipe["encode_images_per_s"] / base["images_per_s"], 3),
+            "ratio_end_to_end": round(pipe["end_to_end_images_per_s"] / base["images_per_s"], 3)}
+
+
+def print_report(result, load):
+    print(f"\n{result['encoder']}, batch {result['batch_size']}, {result['threads']} threads, {result['device']} "
+          f"({result['device_name']}); load average at the end {load[0]:.1f} on {result['cpu_count']} CPUs\n")
+    print_table(["px", "images", "plain loop img/s", "vismem embed img/s (encode)", "ratio", "end-to-end img/s",
+                 "ratio"],
+                [[r["image_size"], r["images"], r["plain"]["images_per_s"], r["vismem_embed"]["encode_images_per_s"],
+                  r["ratio_encode"], r["vismem_embed"]["end_to_end_images_per_s"], r["ratio_end_to_end"]]
+                 for r in result["rows"]])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    images, _ = fashion_mnist("train")
+    name = device_name(args.device)
     rows = []
-    for size, n in zip(sizes, counts):
-        # The plain loop runs before and after the pipeline and the two are averaged: on a shared machine
-        # the load drifts, and bracketing keeps the drift out of the ratio.
-        before = plain_loop(images[:n], args.encoder, size, args.batch_size, args.threads, args.device)
-        pipe = pipeline(n, args.encoder, size, args.batch_size, args.threads, args.device, args.shard_size,
-                        args.workers)
-        after = plain_loop(images[:n], args.encoder, size, args.batch_size, args.threads, args.device)
-        base = {"images": n, "runs_images_per_s": [before["images_per_s"], after["images_per_s"]],
-                "images_per_s": round((before["images_per_s"] + after["images_per_s"]) / 2, 2)}
-        rows.append({"image_size": size, "images": n, "plain": base, "vismem_embed": pipe,
-                     "ratio_encode": round(pipe["encode_images_per_s"] / base["images_per_s"], 3),
-                     "ratio_end_to_end": round(pipe["end_to_end_images_per_s"] / base["images_per_s"], 3)})
+    for size, n in zip(args.sizes, args.images):
+        rows.append(bench_size(args, images[:n], size))
         print(json.dumps(rows[-1]), flush=True)
     load = os.getloadavg()
-    result = {"load_average_1_5_15": [round(v, 2) for v in load], "encoder": args.encoder, "batch_size": args.batch_size, "threads": args.threads,
-              "workers": args.workers, "device": args.device, "device_name": device_name,
-              "cpu_count": os.cpu_count(), "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\n{args.encoder}, batch {args.batch_size}, {args.threads} threads, {args.device} ({device_name}); "
-          f"load average at the end {load[0]:.1f} on {os.cpu_count()} CPUs\n")
-    print("| px | images | plain loop img/s | vismem embed img/s (encode) | ratio | end-to-end img/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['image_size']} | {r['images']} | {r['plain']['images_per_s']} | "
-              f"{r['vismem_embed']['encode_images_per_s']} | {r['ratio_encode']} | "
-              f"{r['vismem_embed']['end_to_end_images_per_s']} | {r['ratio_end_to_end']} |")
+    result = {"load_average_1_5_15": [round(v, 2) for v in load], "encoder": args.encoder,
+              "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
+              "device": args.device, "device_name": name, "cpu_count": os.cpu_count(), "rows": rows}
+    write_json(args.out, result)
+    print_report(result, load)
     return 0
 
 

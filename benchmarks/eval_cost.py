@@ -10,64 +10,78 @@ Writes ``bench-out/eval_cost.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from eval import metrics  # noqa: E402
 from memory import Memory, voting, write_memory  # noqa: E402
+from search import print_table, timed, write_json  # noqa: E402  (benchmarks/search.py)
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=10_000)
     ap.add_argument("--k-max", type=int, default=100)
     ap.add_argument("--backends", default="exact,scann", help="comma list of exact, scann")
     ap.add_argument("--out", default="bench-out/eval_cost.json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def labelled_data(n, queries):
+    """``n`` memory items then ``queries`` queries, 128-d around 1,000 class centres (seeded)."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, 128)).astype(np.float32)
-    labels = rng.integers(0, 1000, args.n + args.queries)
+    labels = rng.integers(0, 1000, n + queries)
     x = centres[labels] + rng.standard_normal((len(labels), 128)).astype(np.float32)
-    ids = np.array([f"{i:08d}" for i in range(args.n)], dtype=object)
-    truth = labels[args.n:]
+    return x, labels
+
+
+def bench_retrieval(backend, x, labels, n, k_max):
+    """Seconds to search every query in a 4-shard memory of the first ``n`` items, and the neighbours."""
+    ids = np.array([f"{i:08d}" for i in range(n)], dtype=object)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_memory(os.path.join(tmp, "m"), x[:n], labels[:n], ids, num_shards=4, backend=backend,
+                     class_names=[str(i) for i in range(1000)])
+        with Memory.open(os.path.join(tmp, "m"), verify=False) as mem:
+            mem.search(x[n:n + 256], k_max)  # warm-up
+            return timed(lambda: mem.search(x[n:], k_max))
+
+
+def bench_scoring(nb, truth):
+    """Seconds to score every rule at every k (what vismem eval calls), and each rule alone."""
+    scoring, _ = timed(lambda: metrics.accuracy_all_k(nb.labels, nb.sims, truth, num_classes=1000))
+    per_rule = {}
+    for method in voting.METHODS:  # each rule alone (repeats the shared set-up)
+        per_rule[method], _ = timed(lambda: metrics.accuracy_all_k(nb.labels, nb.sims, truth, num_classes=1000,
+                                                                   methods=(method,)))
+    return scoring, per_rule
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    x, labels = labelled_data(args.n, args.queries)
     rows = []
     for backend in args.backends.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_memory(os.path.join(tmp, "m"), x[:args.n], labels[:args.n], ids, num_shards=4, backend=backend,
-                         class_names=[str(i) for i in range(1000)])
-            with Memory.open(os.path.join(tmp, "m"), verify=False) as mem:
-                mem.search(x[args.n:args.n + 256], args.k_max)  # warm-up
-                t = time.perf_counter()
-                nb = mem.search(x[args.n:], args.k_max)
-                retrieval = time.perf_counter() - t
-        t = time.perf_counter()
-        metrics.accuracy_all_k(nb.labels, nb.sims, truth, num_classes=1000)  # what vismem eval calls
-        scoring = time.perf_counter() - t
-        per_rule = {}
-        for method in voting.METHODS:  # each rule alone (repeats the shared set-up)
-            t = time.perf_counter()
-            metrics.accuracy_all_k(nb.labels, nb.sims, truth, num_classes=1000, methods=(method,))
-            per_rule[method] = time.perf_counter() - t
+        retrieval, nb = bench_retrieval(backend, x, labels, args.n, args.k_max)
+        scoring, per_rule = bench_scoring(nb, labels[args.n:])
         rows.append({"backend": backend, "retrieval_s": retrieval, "scoring_s": scoring, "per_rule_s": per_rule,
                      "ratio": scoring / retrieval})
         print(f"{backend}: retrieval {retrieval:.2f} s; scoring 4 rules x {args.k_max} k {scoring:.2f} s "
               f"= {100 * scoring / retrieval:.1f}% of retrieval", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    json.dump({"n": args.n, "queries": args.queries, "k_max": args.k_max, "rows": rows}, open(args.out, "w"), indent=1)
+    write_json(args.out, {"n": args.n, "queries": args.queries, "k_max": args.k_max, "rows": rows})
     print(f"\nmemory {args.n} x 128, 4 shards, {args.queries} queries, k-max {args.k_max}\n")
-    print("| backend | retrieval (s) | scoring, 4 rules x every k (s) | each rule alone (s) | scoring / retrieval |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['backend']} | {r['retrieval_s']:.2f} | {r['scoring_s']:.2f} | "
-              + ", ".join(f"{m} {s:.2f}" for m, s in r["per_rule_s"].items()) + f" | {100 * r['ratio']:.1f}% |")
+    print_table(["backend", "retrieval (s)", "scoring, 4 rules x every k (s)", "each rule alone (s)",
+                 "scoring / retrieval"],
+                [[r["backend"], f"{r['retrieval_s']:.2f}", f"{r['scoring_s']:.2f}",
+                  ", ".join(f"{m} {s:.2f}" for m, s in r["per_rule_s"].items()), f"{100 * r['ratio']:.1f}%"]
+                 for r in rows])
 
 
 if __name__ == "__main__":

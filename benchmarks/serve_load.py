@@ -13,8 +13,10 @@ Run (about 1-2 minutes on 2 cores with the defaults; the issue's 1M-item memory 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,19 +27,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from deploy.client import VismemClient  # noqa: E402
 from memory import write_memory  # noqa: E402
-
-
-def clustered(n, dim, clusters, seed, noise=0.5):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    labels = rng.integers(0, clusters, n)
-    x = centres[labels] + noise * rng.standard_normal((n, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x, labels
+from search import make_data, write_json  # noqa: E402  (benchmarks/search.py)
 
 
 def free_port() -> int:
@@ -143,7 +138,26 @@ def run_load(url, queries, *, clients, duration, max_requests, batch, k, during=
     }
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass
+class Change:
+    """What the mutating phase adds and removes."""
+
+    new: np.ndarray  # embeddings of the items added
+    new_ids: list
+    new_classes: list
+    gone: list  # ids removed
+    removed_x: np.ndarray  # their embeddings
+
+    @classmethod
+    def pick(cls, x, labels, names, items, count):
+        """``count`` items after the memory's ``items`` are added; ``count`` evenly spaced ones removed."""
+        gone = [f"item-{i:08d}" for i in range(0, items, max(1, items // count))][:count]
+        return cls(new=x[items:items + count], new_ids=[f"added-{i:06d}" for i in range(count)],
+                   new_classes=[names[i] for i in labels[items:items + count]], gone=gone,
+                   removed_x=x[[int(g.split("-")[1]) for g in gone]])
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=100_000, help="memory size (the issue's figure: 1000000)")
     p.add_argument("--dim", type=int, default=128)
@@ -158,88 +172,106 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--mutate-items", type=int, default=500, help="items added, and items removed, in phase 2")
     p.add_argument("--out", default="bench-out/serve_load.json")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def write_test_memory(a, path, x, labels, names, report):
+    """The first ``a.items`` items as a memory at ``path``; the seconds it took go in ``report``."""
+    t0 = time.perf_counter()
+    write_memory(path, x[:a.items], labels[:a.items], [f"item-{i:08d}" for i in range(a.items)],
+                 num_shards=a.shards, backend=a.backend, class_names=names)
+    report["write_memory_s"] = round(time.perf_counter() - t0, 1)
+    print(f"wrote {a.items} items in {report['write_memory_s']} s", file=sys.stderr)
+
+
+def publish(url, token, change, mutations):
+    """Add the new items, then remove the chosen ones: two new versions, each timed into ``mutations``."""
+    with VismemClient(url, token=token, timeout=600) as admin:
+        t = time.perf_counter()
+        added = admin.add_items(change.new_ids, change.new, change.new_classes)
+        mutations["add"] = {"version": added["version"], "items_added": added["items_added"],
+                            "seconds": round(time.perf_counter() - t, 2)}
+        t = time.perf_counter()
+        removed = admin.remove(ids=change.gone, reason="load test")
+        mutations["remove"] = {"version": removed["version"], "removed": removed["removed"],
+                               "seconds": round(time.perf_counter() - t, 2)}
+
+
+def bench_mutating(server, token, queries, load, change, delay):
+    """Phase 2: the load while ``change`` is published ``delay`` s in; returns the load and the mutations."""
+    mutations = {}
+
+    def mutate():
+        time.sleep(delay)
+        try:
+            publish(server.url, token, change, mutations)
+        except Exception as exc:  # noqa: BLE001 - reported, and the run fails
+            mutations["error"] = repr(exc)[:500]
+
+    return run_load(server.url, queries, **load, during=mutate), mutations
+
+
+def bench_restart(server, change, k):
+    """Phase 3: kill and restart the server, then look for the removed items and the added ones."""
+    server.kill()
+    t0 = time.perf_counter()
+    health = server.start()
+    out = {"restart_s": round(time.perf_counter() - t0, 1), "version": health["version"]}
+    with VismemClient(server.url) as c:
+        seen = set()
+        for s in range(0, len(change.removed_x), 100):  # each removed item's own embedding: it would be rank 0
+            for row in c.neighbors(change.removed_x[s:s + 100], k=k)["neighbours"]:
+                seen |= {n["id"] for n in row}
+        back = sorted(seen & set(change.gone))
+        found = c.neighbors(change.new[:100], k=1)["neighbours"]
+        added_found = sum(row[0]["id"] == i for row, i in zip(found, change.new_ids[:100]))
+    out.update({"removed_items_returned": len(back), "examples": back[:5],
+                "added_items_found_as_own_nearest": f"{added_found}/{min(100, len(change.new_ids))}"})
+    return out
+
+
+def run_phases(a, server, token, queries, change, report):
+    """Start the server, then the three phases, each into ``report``."""
+    t0 = time.perf_counter()
+    server.start()
+    report["server_start_s"] = round(time.perf_counter() - t0, 1)
+    load = dict(clients=a.clients, duration=a.duration, max_requests=a.max_requests, batch=a.batch, k=a.k)
+    report["steady"] = run_load(server.url, queries, **load)
+    print("steady:", json.dumps(report["steady"]), file=sys.stderr)
+    report["mutating"], report["mutations"] = bench_mutating(server, token, queries, load, change,
+                                                             delay=min(2.0, a.duration / 4))
+    print("mutating:", json.dumps(report["mutating"]), json.dumps(report["mutations"]), file=sys.stderr)
+    report["restart"] = bench_restart(server, change, a.k)
+    print("restart:", json.dumps(report["restart"]), file=sys.stderr)
+
+
+def passed(report) -> bool:
+    return ("error" not in report["mutations"] and report["steady"]["errors"] == 0
+            and report["mutating"]["errors"] == 0 and report["mutating"]["versions_monotonic_per_client"]
+            and report["restart"]["removed_items_returned"] == 0)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     token = "load-test-" + os.urandom(12).hex()
     work = tempfile.mkdtemp(prefix="vismem-load-")
     report = {"config": vars(a), "machine": {"cpus": os.cpu_count()}}
-    x, labels = clustered(a.items + a.mutate_items + 2000, a.dim, a.classes, seed=0)
+    x, labels, _ = make_data(a.items + a.mutate_items + 2000, a.dim, a.classes, 0, seed=0)
     names = [f"class-{i:03d}" for i in range(a.classes)]
     memory = a.memory or os.path.join(work, "memory")
     if not a.memory:
-        t0 = time.perf_counter()
-        write_memory(memory, x[:a.items], labels[:a.items], [f"item-{i:08d}" for i in range(a.items)],
-                     num_shards=a.shards, backend=a.backend, class_names=names)
-        report["write_memory_s"] = round(time.perf_counter() - t0, 1)
-        print(f"wrote {a.items} items in {report['write_memory_s']} s", file=sys.stderr)
-    queries = x[-2000:]
-    new = x[a.items:a.items + a.mutate_items]
-    new_ids = [f"added-{i:06d}" for i in range(a.mutate_items)]
-    gone = [f"item-{i:08d}" for i in range(0, a.items, max(1, a.items // a.mutate_items))][:a.mutate_items]
-
+        write_test_memory(a, memory, x, labels, names, report)
+    change = Change.pick(x, labels, names, a.items, a.mutate_items)
     server = Server(memory, token, poll_s=1.0)
     try:
-        t0 = time.perf_counter()
-        server.start()
-        report["server_start_s"] = round(time.perf_counter() - t0, 1)
-        load = dict(clients=a.clients, duration=a.duration, max_requests=a.max_requests, batch=a.batch, k=a.k)
-        report["steady"] = run_load(server.url, queries, **load)
-        print("steady:", json.dumps(report["steady"]), file=sys.stderr)
-
-        mutations = {}
-
-        def mutate():
-            time.sleep(min(2.0, a.duration / 4))
-            try:
-                publish()
-            except Exception as exc:  # noqa: BLE001 - reported, and the run fails
-                mutations["error"] = repr(exc)[:500]
-
-        def publish():
-            with VismemClient(server.url, token=token, timeout=600) as admin:
-                t = time.perf_counter()
-                added = admin.add_items(new_ids, new, [names[i] for i in labels[a.items:a.items + a.mutate_items]])
-                mutations["add"] = {"version": added["version"], "items_added": added["items_added"],
-                                    "seconds": round(time.perf_counter() - t, 2)}
-                t = time.perf_counter()
-                removed = admin.remove(ids=gone, reason="load test")
-                mutations["remove"] = {"version": removed["version"], "removed": removed["removed"],
-                                       "seconds": round(time.perf_counter() - t, 2)}
-
-        report["mutating"] = run_load(server.url, queries, **load, during=mutate)
-        report["mutations"] = mutations
-        print("mutating:", json.dumps(report["mutating"]), json.dumps(mutations), file=sys.stderr)
-
-        removed_x = x[[int(g.split("-")[1]) for g in gone]]
-        server.kill()
-        t0 = time.perf_counter()
-        health = server.start()
-        report["restart"] = {"restart_s": round(time.perf_counter() - t0, 1), "version": health["version"]}
-        with VismemClient(server.url) as c:
-            seen = set()
-            for s in range(0, len(removed_x), 100):  # each removed item's own embedding: it would be rank 0
-                for row in c.neighbors(removed_x[s:s + 100], k=a.k)["neighbours"]:
-                    seen |= {n["id"] for n in row}
-            back = sorted(seen & set(gone))
-            found = c.neighbors(new[:100], k=1)["neighbours"]
-            added_found = sum(row[0]["id"] == i for row, i in zip(found, new_ids[:100]))
-        report["restart"].update({"removed_items_returned": len(back), "examples": back[:5],
-                                  "added_items_found_as_own_nearest": f"{added_found}/{min(100, len(new_ids))}"})
-        print("restart:", json.dumps(report["restart"]), file=sys.stderr)
+        run_phases(a, server, token, x[-2000:], change, report)
     finally:
         server.stop()
-    ok = ("error" not in report["mutations"] and report["steady"]["errors"] == 0 and report["mutating"]["errors"] == 0
-          and report["mutating"]["versions_monotonic_per_client"]
-          and report["restart"]["removed_items_returned"] == 0)
-    report["ok"] = ok
+    report["ok"] = ok = passed(report)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(a.out, report)
     print(json.dumps(report, indent=1))
     if not a.memory:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 

@@ -1,9 +1,10 @@
 """Submitting ``vismem`` commands to a Ray cluster as jobs (Ray's job submission API), and managing them.
 
-``submit(cluster, ["vismem", "eval", ...])`` checks the command with the CLI's own parser, ships the
-working directory (the project source by default) and optional pip requirements in the job's
-runtime environment, streams the job's logs and returns its final state. The cluster address is
-the head's dashboard, e.g. ``http://127.0.0.1:8265`` (``ray start --head`` prints it).
+``submit(cluster, ["vismem", "eval", ...], parse=...)`` checks the command with the parser it is
+given (the CLI passes its own), ships the working directory (the project source by default) and
+optional pip requirements in the job's runtime environment, streams the job's logs and returns its
+final state. The cluster address is the head's dashboard, e.g. ``http://127.0.0.1:8265``
+(``ray start --head`` prints it).
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import os
 import shlex
 import sys
 import time
+from typing import Callable
 
+# Parses a vismem argument list; raises SystemExit on bad input (argparse's parse_args does).
+Parse = Callable[[list[str]], object]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Not shipped with the working directory: build outputs, environments, data the job does not need.
 EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "demo-out", "bench-out", "eval-out",
@@ -23,15 +27,17 @@ EXCLUDES = [".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "demo
 
 
 def project_root() -> str | None:
-    """The source checkout this vismem runs from (the folder with setup.py), or None when installed."""
-    import vismem_cli
-
-    root = os.path.dirname(os.path.abspath(vismem_cli.__file__))
+    """The source checkout this vismem runs from (the folder above deploy/ with setup.py), or None when installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return root if os.path.isfile(os.path.join(root, "setup.py")) else None
 
 
-def check_command(command: list[str], *, any_command: bool = False) -> list[str]:
-    """The command without a leading ``--``; a ``vismem`` command must parse with the CLI's parser.
+def check_command(command: list[str], *, parse: Parse, any_command: bool = False) -> list[str]:
+    """The command without a leading ``--``; a ``vismem`` command must parse with ``parse``.
+
+    Args:
+        parse: parses a vismem argument list (without ``vismem``), raising SystemExit on bad input
+            with the reason on stderr, like argparse's ``parse_args``; the CLI passes its own.
 
     Raises:
         ValueError: an empty command, a command that is not ``vismem ...`` (unless ``any_command``),
@@ -47,12 +53,10 @@ def check_command(command: list[str], *, any_command: bool = False) -> list[str]
             return command
         raise ValueError(f"the job command must be a vismem command ('vismem VERB ...'), got {command[0]!r}; "
                          "pass --any-command to submit another program")
-    from vismem_cli import build_parser
-
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            build_parser().parse_args(command[1:])
+            parse(command[1:])
     except SystemExit:
         lines = err.getvalue().strip().splitlines()
         why = lines[-1] if lines else "it only asks for help"
@@ -193,18 +197,19 @@ def stop(cluster: str | None, job_id: str, *, timeout: float = 60.0) -> dict:
     return _job_record(c.get_job_info(job_id))
 
 
-def submit(cluster: str | None, command: list[str], *, runtime: dict | None = None, job_id: str | None = None,
-           follow: bool = True, any_command: bool = False, num_cpus: float | None = None,
+def submit(cluster: str | None, command: list[str], *, parse: Parse, runtime: dict | None = None,
+           job_id: str | None = None, follow: bool = True, any_command: bool = False, num_cpus: float | None = None,
            num_gpus: float | None = None, out=sys.stdout, agent_wait_s: float = 90.0) -> dict:
     """Submit ``command`` as a Ray job; with ``follow``, stream its logs and wait for its end.
 
+    ``parse`` checks a ``vismem`` command before anything is sent (see ``check_command``).
     Returns the job's record (``status`` SUCCEEDED, FAILED, STOPPED; or PENDING/RUNNING without
     ``follow``).
 
     Raises:
         ValueError: an invalid command (checked before anything is sent) or an unreachable cluster.
     """
-    command = check_command(command, any_command=any_command)
+    command = check_command(command, parse=parse, any_command=any_command)
     c = client(cluster)
     kwargs = {}
     if num_cpus is not None:

@@ -1,1 +1,1 @@
-"""Evaluations of a memory against query sets: accuracy over k and voting rules, scaling laws."""
+"""Evaluations of a memory: figures from one retrieval pass, the paper's experiments, explanations, re-ranking."""

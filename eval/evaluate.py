@@ -9,13 +9,15 @@ and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
 
 import numpy as np
 
-from eval import metrics, plots
+from eval import images, metrics, plots
 from memory import schema, voting
 from memory.memory import Memory
 
@@ -86,13 +88,14 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
 def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 100,
              ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
              version: int | None = None, ray_address: str | None = None, reranker=None,
-             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None) -> dict:
+             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
+             resolve=None) -> dict:
     """Evaluate a memory against labelled query embeddings; write the report under ``out_dir``.
 
     With a ``reranker`` (``eval.rerank.Reranker``), the first ``rerank_queries`` queries and their
-    ``rerank_k`` neighbours (images resolved from the items' uris) are also sent to it, and its
-    accuracy is reported beside the voting rules, with rank voting as the fallback for answers
-    that are not a class name.
+    ``rerank_k`` neighbours (images resolved from the items' uris by ``resolve``, default
+    :func:`memory.uris.resolve`) are also sent to it, and its accuracy is reported beside the
+    voting rules, with rank voting as the fallback for answers that are not a class name.
 
     With ``ray_address`` (a cluster address, or ``local`` for a local instance) the memory's shards
     are hosted by Ray actors across the cluster and every query batch fans out to them.
@@ -100,104 +103,163 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     With ``probe_shards`` (a k-means memory) each query searches only its nearest shards, so the
     report shows what routing costs in accuracy.
     """
-    queries = schema.read_embedding_shards(queries_path)
-    known = queries["labels"] >= 0
-    if not known.any():
-        raise ValueError(f"{queries_path} has no labelled rows (label >= 0): nothing to evaluate against")
-    q, truth = queries["embeddings"][known], queries["labels"][known]
+    q, truth, uris = _labelled_queries(queries_path)
     os.makedirs(out_dir, exist_ok=True)
-    hosts = "local"
-    if ray_address:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=None if ray_address == "local" else ray_address, log_to_driver=False)
-        hosts = "ray"
-    with Memory.open(memory_path, version, hosts=hosts) as mem:
-        if k_max > len(mem):
-            raise ValueError(f"k-max {k_max} exceeds the memory's {len(mem)} items")
-        num_classes, class_names, mem_version = mem.num_classes, mem.class_names, mem.version
-        if truth.max() >= num_classes:
-            raise ValueError(f"query labels reach {truth.max()}, but the memory has {num_classes} classes")
-        t0 = time.perf_counter()
-        labels, sims, weights = retrieve(mem, q, k_max, batch_size, probe_shards)
-        retrieval_s = time.perf_counter() - t0
-        ood_sims = retrieve(mem, schema.read_embedding_shards(ood_queries_path)["embeddings"], k_max,
-                            batch_size, probe_shards)[1] if ood_queries_path else None
+    with Memory.open(memory_path, version, hosts=_hosts(ray_address)) as mem:
+        got = _retrieve_all(mem, q, truth, k_max, batch_size, probe_shards, ood_queries_path)
         reranked = None
         if reranker is not None:
-            reranked = _rerank(mem, memory_path, reranker, q[:rerank_queries], truth[:rerank_queries],
-                               queries["provenance"]["uri"][known][:rerank_queries], min(rerank_k, k_max))
-    t1 = time.perf_counter()
-    acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, weights=weights)
-    scoring_s = time.perf_counter() - t1
-    honest = honest_choice(labels, sims, truth, num_classes, seed=seed, weights=weights)
-    sweeps = sweep_accuracy(labels, sims, truth, num_classes, weights)
-    hit = metrics.hit_rate(labels, truth)
-    rel = metrics.neighbour_reliability(labels, truth)
-    rel_fit = metrics.fit_log(rel)
-    cal = metrics.calibration(labels, truth, num_classes=num_classes, k=min(100, k_max))
-    dist_in = (1.0 - sims[:, :100]).mean(axis=0)
-    dist_ood = None if ood_sims is None else (1.0 - ood_sims[:, :100]).mean(axis=0)
-
-    best = {m: {"k": int(a.argmax()) + 1, "accuracy": float(a.max())} for m, a in acc.items()}
-    records = [
-        {"figure": "accuracy_by_k", "method": m, "k": k + 1, "accuracy": float(a[k])}
-        for m, a in acc.items() for k in range(len(a))
-    ]
-    records += [{"figure": "best_k_on_eval_set", "method": m, **v} for m, v in best.items()]
-    records += [{"figure": "held_out_choice", "method": m, **v} for m, v in honest.items()]
-    records += [{"figure": "hit_rate", "k": k + 1, "value": float(v)} for k, v in enumerate(hit)]
-    records += [{"figure": "neighbour_reliability", "index": i + 1, "accuracy": float(v)} for i, v in enumerate(rel)]
-    records.append({"figure": "neighbour_reliability_fit", "a": rel_fit[0], "b": rel_fit[1]})
-    records += [{"figure": "calibration_count", "count": c, "accuracy": a, "n": n}
-                for c, (a, n) in cal["count"].items()]
-    records += [{"figure": "distance_by_neighbour", "index": i + 1, "in_distribution": float(d),
-                 "out_of_distribution": None if dist_ood is None else float(dist_ood[i])}
-                for i, d in enumerate(dist_in)]
-    records += [{"figure": "sweep", "method": m, "value": v, "best_k": int(a.argmax()) + 1, "best": float(a.max())}
-                for m, by in sweeps.items() for v, a in by.items()]
-    timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": retrieval_s,
-              "scoring_all_rules_all_k_s": scoring_s, "scoring_over_retrieval": scoring_s / retrieval_s}
-    records.append({"figure": "timing", **timing})
-    if reranked is not None:
-        records.append({"figure": "rerank", **reranked})
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r, default=float) + "\n")
-
-    figures = plots.write_eval_plots(out_dir, acc=acc, hit=hit, rel=rel, rel_fit=rel_fit, cal=cal,
-                                     dist_in=dist_in, dist_ood=dist_ood, sweeps=sweeps)
-    report = _report(memory_path, mem_version, queries_path, timing, best, honest, hit, rel_fit, cal, figures,
-                     reranked)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(report)
-    return {"report": os.path.join(out_dir, "report.md"), "best_k_on_eval_set": best,
+            n = rerank_queries
+            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max),
+                               resolve)
+    scores = score(got, truth, k_max)
+    best, honest = choose(got, scores.acc, truth, seed)
+    timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
+              "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
+    _write_metrics(out_dir, _records(scores, best, honest, timing, reranked))
+    figures = plots.write_eval_plots(out_dir, acc=scores.acc, hit=scores.hit, rel=scores.rel,
+                                     rel_fit=scores.rel_fit, cal=scores.cal, dist_in=scores.dist_in,
+                                     dist_ood=scores.dist_ood, sweeps=scores.sweeps)
+    report = os.path.join(out_dir, "report.md")
+    with open(report, "w") as f:
+        f.write(_report(memory_path, got.version, queries_path, timing, best, honest, scores, figures, reranked))
+    return {"report": report, "best_k_on_eval_set": best,
             "held_out_choice": {m: {"k": v["k"], v["param"] or "param": v["value"],
                                     "test_accuracy": v["test_accuracy"]} for m, v in honest.items()},
             "timing": timing}
 
 
-def _rerank(mem, memory_path, reranker, q, truth, uris, k) -> dict:
+@dataclasses.dataclass
+class Retrieval:
+    """One retrieval pass at k-max: every query's neighbours, and the memory facts scoring needs."""
+
+    labels: np.ndarray
+    sims: np.ndarray
+    weights: np.ndarray | None
+    ood_sims: np.ndarray | None
+    seconds: float
+    num_classes: int
+    version: int
+
+
+@dataclasses.dataclass
+class Scores:
+    """Every figure derived from one retrieval pass (``seconds``: scoring every rule at every k)."""
+
+    acc: dict
+    sweeps: dict
+    hit: np.ndarray
+    rel: np.ndarray
+    rel_fit: tuple
+    cal: dict
+    dist_in: np.ndarray
+    dist_ood: np.ndarray | None
+    seconds: float
+
+
+def _labelled_queries(queries_path: str):
+    """``(embeddings, labels, uris)`` of the labelled rows of the query set."""
+    queries = schema.read_embedding_shards(queries_path)
+    known = queries["labels"] >= 0
+    if not known.any():
+        raise ValueError(f"{queries_path} has no labelled rows (label >= 0): nothing to evaluate against")
+    return queries["embeddings"][known], queries["labels"][known], queries["provenance"]["uri"][known]
+
+
+def _hosts(ray_address: str | None) -> str:
+    """``ray`` (connecting to the cluster once) when an address is given, else ``local``."""
+    if not ray_address:
+        return "local"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=None if ray_address == "local" else ray_address, log_to_driver=False)
+    return "ray"
+
+
+def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shards, ood_queries_path) -> Retrieval:
+    """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' similarities."""
+    if k_max > len(mem):
+        raise ValueError(f"k-max {k_max} exceeds the memory's {len(mem)} items")
+    if truth.max() >= mem.num_classes:
+        raise ValueError(f"query labels reach {truth.max()}, but the memory has {mem.num_classes} classes")
+    t0 = time.perf_counter()
+    labels, sims, weights = retrieve(mem, q, k_max, batch_size, probe_shards)
+    seconds = time.perf_counter() - t0
+    ood_sims = retrieve(mem, schema.read_embedding_shards(ood_queries_path)["embeddings"], k_max,
+                        batch_size, probe_shards)[1] if ood_queries_path else None
+    return Retrieval(labels, sims, weights, ood_sims, seconds, mem.num_classes, mem.version)
+
+
+def score(got: Retrieval, truth, k_max: int) -> Scores:
+    """The scoring stage: accuracy of every rule at every k, sweeps, hit rate, reliability, calibration."""
+    labels, sims, weights, num_classes = got.labels, got.sims, got.weights, got.num_classes
+    t0 = time.perf_counter()
+    acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, weights=weights)
+    seconds = time.perf_counter() - t0
+    rel = metrics.neighbour_reliability(labels, truth)
+    return Scores(
+        acc=acc, sweeps=sweep_accuracy(labels, sims, truth, num_classes, weights),
+        hit=metrics.hit_rate(labels, truth), rel=rel, rel_fit=metrics.fit_log(rel),
+        cal=metrics.calibration(labels, truth, num_classes=num_classes, k=min(100, k_max)),
+        dist_in=(1.0 - sims[:, :100]).mean(axis=0),
+        dist_ood=None if got.ood_sims is None else (1.0 - got.ood_sims[:, :100]).mean(axis=0),
+        seconds=seconds)
+
+
+def choose(got: Retrieval, acc: dict, truth, seed: int) -> tuple[dict, dict]:
+    """The choice stage: ``(best k on the evaluation set itself, held-out choice)`` per rule."""
+    best = {m: {"k": int(a.argmax()) + 1, "accuracy": float(a.max())} for m, a in acc.items()}
+    return best, honest_choice(got.labels, got.sims, truth, got.num_classes, seed=seed, weights=got.weights)
+
+
+def _records(s: Scores, best, honest, timing, reranked) -> list:
+    """The rows of ``metrics.jsonl``, one per figure point."""
+    records = [{"figure": "accuracy_by_k", "method": m, "k": k + 1, "accuracy": float(a[k])}
+               for m, a in s.acc.items() for k in range(len(a))]
+    records += [{"figure": "best_k_on_eval_set", "method": m, **v} for m, v in best.items()]
+    records += [{"figure": "held_out_choice", "method": m, **v} for m, v in honest.items()]
+    records += [{"figure": "hit_rate", "k": k + 1, "value": float(v)} for k, v in enumerate(s.hit)]
+    records += [{"figure": "neighbour_reliability", "index": i + 1, "accuracy": float(v)} for i, v in enumerate(s.rel)]
+    records.append({"figure": "neighbour_reliability_fit", "a": s.rel_fit[0], "b": s.rel_fit[1]})
+    records += [{"figure": "calibration_count", "count": c, "accuracy": a, "n": n}
+                for c, (a, n) in s.cal["count"].items()]
+    records += [{"figure": "distance_by_neighbour", "index": i + 1, "in_distribution": float(d),
+                 "out_of_distribution": None if s.dist_ood is None else float(s.dist_ood[i])}
+                for i, d in enumerate(s.dist_in)]
+    records += [{"figure": "sweep", "method": m, "value": v, "best_k": int(a.argmax()) + 1, "best": float(a.max())}
+                for m, by in s.sweeps.items() for v, a in by.items()]
+    records.append({"figure": "timing", **timing})
+    if reranked is not None:
+        records.append({"figure": "rerank", **reranked})
+    return records
+
+
+def _write_metrics(out_dir: str, records: list) -> None:
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=float) + "\n")
+
+
+def _rerank(mem, memory_path, reranker, q, truth, uris, k, resolve=None) -> dict:
     """Send each query and its k labelled neighbours to the re-ranker; score it beside rank voting."""
-    from eval.explain import item_locations, resolve_image
     from eval.rerank import Neighbour, rerank_accuracy
 
+    image = functools.partial(images.image_bytes, resolve=resolve)
     res = mem.classify(q, k, "rank")
-    where = item_locations(memory_path, mem.version)
+    where = images.item_uris(memory_path, mem.version)
     names = mem.class_names
     neighbour_lists = [
-        [Neighbour(resolve_image(where[i][2]) if i in where else None, names[lab], float(s))
-         for i, lab, s in zip(ids, labs, sims) if lab >= 0]
+        [Neighbour(image(where.get(i, "")), names[lab], float(s)) for i, lab, s in zip(ids, labs, sims) if lab >= 0]
         for ids, labs, sims in zip(res.neighbours.ids, res.neighbours.labels, res.neighbours.sims)
     ]
-    out = rerank_accuracy(reranker, [resolve_image(str(u)) for u in uris], neighbour_lists, truth,
-                          res.predictions, names)
+    out = rerank_accuracy(reranker, [image(str(u)) for u in uris], neighbour_lists, truth, res.predictions, names)
     return {**out, "k": k, "fallback": "rank"}
 
 
-def _report(memory_path, version, queries_path, timing, best, honest, hit, rel_fit, cal, figures,
-            reranked=None) -> str:
+def _report(memory_path, version, queries_path, timing, best, honest, s: Scores, figures, reranked) -> str:
+    """``report.md``: the tables of the figures, and the plots."""
+    hit, rel_fit, cal = s.hit, s.rel_fit, s.cal
     lines = [
         "# Evaluation report", "",
         f"Memory `{memory_path}` (version {version}); queries `{queries_path}` ({timing['queries']} labelled); "

@@ -10,53 +10,13 @@ from __future__ import annotations
 import base64
 import functools
 import html
-import io
 
 import numpy as np
 
-from memory import manifest as mf
+from eval import images
 from memory import storage, voting
 from memory.memory import Memory
-from memory.shard import read_items, read_vectors
-
-
-def resolve_image(uri: str) -> bytes | None:
-    """PNG/JPEG bytes of an item's ``uri``: ``IDX_FILE#row`` (MNIST family) or an image file/URL."""
-    if not uri:
-        return None
-    try:
-        if "#" in uri:
-            path, row = uri.rsplit("#", 1)
-            return _png(_idx_array(path)[int(row)]) if "idx" in path else None
-        return storage.read_bytes(uri)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.lru_cache(maxsize=4)
-def _idx_array(path: str) -> np.ndarray:
-    from pipelines.sources import read_idx
-
-    return read_idx(path)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def item_locations(memory_path: str, version: int | None = None) -> dict:
-    """``{item id: (shard entry, row, uri)}`` over every shard of a memory version."""
-    manifest = mf.read_manifest(memory_path, version)
-    out = {}
-    for entry in manifest["shards"]:
-        t = read_items(memory_path, entry, columns=["id", "uri"])
-        for row, (item, uri) in enumerate(zip(t.column("id").to_pylist(), t.column("uri").to_pylist())):
-            out[item] = (entry, row, uri)
-    return out
+from memory.shard import read_vectors
 
 
 def _img(data: bytes | None, alt: str, size: int = 84) -> str:
@@ -85,73 +45,93 @@ window.addEventListener('load', function () {
 """
 
 
-def _neighbour_images(nb, j, uris: dict, resolver):
-    """``(column, image bytes or None)`` of query ``j``'s valid neighbours (excluded ones skipped)."""
-    for i in range(nb.ids.shape[1]):
-        if nb.labels[j, i] >= 0:
-            yield i, resolver(uris.get(nb.ids[j, i], ""))
-
-
 def explain_page(memory_path: str, queries: dict, out_html: str, *, rows=None, k: int = 10,
                  method: str = "rank", alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
-                 residual_k: int = 5, misclassified: int = 0, resolver=resolve_image) -> dict:
+                 residual_k: int = 5, misclassified: int = 0, resolve=None) -> dict:
     """Write the page for ``rows`` of ``queries`` (and/or the first ``misclassified`` mistakes).
 
     ``queries`` is :func:`memory.schema.read_embeddings` output (ids, embeddings, labels, provenance).
+    ``resolve(uri)`` gives an item's image as bytes or pixels (default :func:`memory.uris.resolve`).
     Returns ``{"queries": n, "images": n_images, "path": out_html}``.
     """
-    rows = list(rows or [])
+    vote = {"method": method, "alpha": alpha, "tau": tau, "xi": xi}
     with Memory.open(memory_path) as mem:
         names = mem.class_names
-        where = item_locations(memory_path, mem.version)
-        uris = {item: loc[2] for item, loc in where.items()}
-        emb = queries["embeddings"]
-        if misclassified:
-            res = mem.classify(emb, k, method, alpha=alpha, tau=tau, xi=xi)
-            wrong = np.flatnonzero((res.predictions != queries["labels"]) & (queries["labels"] >= 0))
-            rows += [int(r) for r in wrong[:misclassified] if r not in rows]
-        if not rows:
-            raise ValueError("choose queries to explain: give rows and/or misclassified > 0")
-        sel = emb[rows] / np.linalg.norm(emb[rows], axis=1, keepdims=True)
-        res = mem.classify(sel, k, method, alpha=alpha, tau=tau, xi=xi)
-        nb = res.neighbours
-        w = voting.neighbour_weights(nb.labels, nb.sims.astype(np.float64), method=method,
-                                     weights=nb.weights, alpha=alpha, tau=tau, xi=xi)
-        # Compositionality (Figure 14): what remains of the query once its nearest neighbour is removed.
-        nearest = np.concatenate([read_vectors(memory_path, where[i][0], [where[i][1]]) for i in nb.ids[:, 0]])
-        residual = sel - nearest
-        ok = np.linalg.norm(residual, axis=1) > 1e-6
-        res_nb = mem.search(np.where(ok[:, None], residual, sel), residual_k)
+        rows = _choose_rows(mem, queries, list(rows or []), k, misclassified, vote)
+        res, weights, res_nb, where = _explain(mem, memory_path, queries["embeddings"][rows], k, residual_k, vote)
+    uris = {item: loc[2] for item, loc in where.items()}
+    image = functools.partial(images.image_bytes, resolve=resolve)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vismem: why these labels</title>"
              f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
              f"<h1>Why these labels</h1><p>Memory <code>{html.escape(memory_path)}</code>, {method} voting, "
              f"k = {k}. <span id='rendered' data-rendered=''>loading…</span></p>"]
-    images = 0
+    count = 0
     for j, r in enumerate(rows):
-        truth = int(queries["labels"][r])
-        pred = int(res.predictions[j])
-        verdict = "right" if pred == truth else "wrong"
-        qimg = resolver(str(queries["provenance"]["uri"][r]))
-        images += qimg is not None
-        parts.append(f"<div class='q'><div class='row'><div class='nb' style='width:120px'>{_img(qimg, str(queries['ids'][r]), 112)}"
-                     f"<br><b>query</b><br>{html.escape(str(queries['ids'][r]))}</div><div>"
-                     f"<p>decision: <b class='{verdict}'>{html.escape(names[pred]) if pred >= 0 else 'none'}</b>"
-                     f" (true: {html.escape(names[truth]) if truth >= 0 else 'unknown'})</p><table>"
-                     "<tr><th>class</th><th>score</th></tr>")
-        top = np.argsort(-res.scores[j])[:3]
-        parts += [f"<tr><td>{html.escape(names[c])}</td><td>{res.scores[j, c]:.4f}</td></tr>" for c in top]
-        parts.append("</table></div></div><p>nearest neighbours (label, similarity, vote weight):</p><div class='row'>")
-        for i, data in _neighbour_images(nb, j, uris, resolver):
-            images += data is not None
-            cls = "right" if nb.labels[j, i] == truth else "wrong"
-            parts.append(f"<div class='nb'>{_img(data, nb.ids[j, i])}<br><span class='{cls}'>"
-                         f"{html.escape(names[nb.labels[j, i]])}</span><br>s={nb.sims[j, i]:.3f} w={w[j, i]:.3f}</div>")
-        parts.append("</div><p>neighbours of the residual (query − nearest neighbour):</p><div class='row'>")
-        for i, data in _neighbour_images(res_nb, j, uris, resolver):
-            images += data is not None
-            parts.append(f"<div class='nb'>{_img(data, res_nb.ids[j, i])}<br>"
-                         f"{html.escape(names[res_nb.labels[j, i]])}<br>s={res_nb.sims[j, i]:.3f}</div>")
-        parts.append("</div></div>")
+        html_j, n = _query_html(j, r, queries, names, res, weights, res_nb, uris, image)
+        parts.append(html_j)
+        count += n
     parts.append("</body></html>")
     storage.write_bytes_atomic(out_html, "\n".join(parts).encode())
-    return {"queries": len(rows), "images": images, "path": out_html}
+    return {"queries": len(rows), "images": count, "path": out_html}
+
+
+def _choose_rows(mem, queries, rows: list, k: int, misclassified: int, vote: dict) -> list:
+    """``rows`` followed by the first ``misclassified`` labelled queries the memory gets wrong."""
+    if misclassified:
+        res = mem.classify(queries["embeddings"], k, **vote)
+        wrong = np.flatnonzero((res.predictions != queries["labels"]) & (queries["labels"] >= 0))
+        rows += [int(r) for r in wrong[:misclassified] if r not in rows]
+    if not rows:
+        raise ValueError("choose queries to explain: give rows and/or misclassified > 0")
+    return rows
+
+
+def _explain(mem, memory_path: str, emb, k: int, residual_k: int, vote: dict):
+    """The classification, vote weights and residual neighbours of the chosen queries."""
+    where = images.item_locations(memory_path, mem.version)
+    sel = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    res = mem.classify(sel, k, **vote)
+    nb = res.neighbours
+    weights = voting.neighbour_weights(nb.labels, nb.sims.astype(np.float64), weights=nb.weights, **vote)
+    # Compositionality (Figure 14): what remains of the query once its nearest neighbour is removed.
+    nearest = np.concatenate([read_vectors(memory_path, where[i][0], [where[i][1]]) for i in nb.ids[:, 0]])
+    residual = sel - nearest
+    ok = np.linalg.norm(residual, axis=1) > 1e-6
+    return res, weights, mem.search(np.where(ok[:, None], residual, sel), residual_k), where
+
+
+def _query_html(j: int, r: int, queries, names, res, weights, res_nb, uris: dict, image) -> tuple[str, int]:
+    """``(html, images shown)`` of one query: its image, decision, neighbours and residual neighbours."""
+    nb = res.neighbours
+    truth, pred = int(queries["labels"][r]), int(res.predictions[j])
+    qid = str(queries["ids"][r])
+    qimg = image(str(queries["provenance"]["uri"][r]))
+    count = qimg is not None
+    parts = [f"<div class='q'><div class='row'><div class='nb' style='width:120px'>{_img(qimg, qid, 112)}"
+             f"<br><b>query</b><br>{html.escape(qid)}</div><div>"
+             f"<p>decision: <b class='{'right' if pred == truth else 'wrong'}'>"
+             f"{html.escape(names[pred]) if pred >= 0 else 'none'}</b>"
+             f" (true: {html.escape(names[truth]) if truth >= 0 else 'unknown'})</p><table>"
+             "<tr><th>class</th><th>score</th></tr>"]
+    parts += [f"<tr><td>{html.escape(names[c])}</td><td>{res.scores[j, c]:.4f}</td></tr>"
+              for c in np.argsort(-res.scores[j])[:3]]
+    parts.append("</table></div></div><p>nearest neighbours (label, similarity, vote weight):</p><div class='row'>")
+    for i, data in _neighbour_images(nb, j, uris, image):
+        count += data is not None
+        cls = "right" if nb.labels[j, i] == truth else "wrong"
+        parts.append(f"<div class='nb'>{_img(data, nb.ids[j, i])}<br><span class='{cls}'>"
+                     f"{html.escape(names[nb.labels[j, i]])}</span><br>s={nb.sims[j, i]:.3f} w={weights[j, i]:.3f}</div>")
+    parts.append("</div><p>neighbours of the residual (query − nearest neighbour):</p><div class='row'>")
+    for i, data in _neighbour_images(res_nb, j, uris, image):
+        count += data is not None
+        parts.append(f"<div class='nb'>{_img(data, res_nb.ids[j, i])}<br>"
+                     f"{html.escape(names[res_nb.labels[j, i]])}<br>s={res_nb.sims[j, i]:.3f}</div>")
+    parts.append("</div></div>")
+    return "\n".join(parts), int(count)
+
+
+def _neighbour_images(nb, j, uris: dict, image):
+    """``(column, image bytes or None)`` of query ``j``'s valid neighbours (excluded ones skipped)."""
+    for i in range(nb.ids.shape[1]):
+        if nb.labels[j, i] >= 0:
+            yield i, image(uris.get(nb.ids[j, i], ""))

@@ -18,6 +18,7 @@ def _save(fig, out_dir, name) -> str:
 
 
 def write_eval_plots(out_dir, *, acc, hit, rel, rel_fit, cal, dist_in, dist_ood, sweeps) -> list:
+    """Draw the evaluation's six figures into ``out_dir``; returns their file names."""
     names = []
     ks = np.arange(1, len(hit) + 1)
 

@@ -21,6 +21,8 @@ import numpy as np
 
 @dataclasses.dataclass
 class Neighbour:
+    """One labelled neighbour as the re-ranker sees it: its image (None when it has none), label, similarity."""
+
     image: bytes | None
     label: str
     similarity: float
@@ -32,6 +34,7 @@ class Reranker(Protocol):
 
 
 def build_prompt(neighbours: list, class_names: list) -> str:
+    """The text part of the request: the neighbours' labels and similarities, best first, and the classes."""
     lines = ["Classify the first image (the query). The following images are its nearest neighbours in a "
              "labelled memory, most similar first, each with its label and cosine similarity:"]
     lines += [f"{i + 1}. label: {n.label} (similarity {n.similarity:.3f})" for i, n in enumerate(neighbours)]

@@ -3,15 +3,21 @@
 A memory directory (local or ``gs://``) looks like::
 
     MEMORY/
-      manifests/v00000001.json          # written last: a version exists once its manifest does
-      shards/v00000001/shard-00000-of-00004/{items.parquet, embeddings.npy, index/...}
+      manifests/v00000001.json        # written last: a version exists once its manifest does
+      shards/v00000001/shard-00000-of-00004/{items.parquet, embeddings.npy, scann/}
+      shards/v00000002.TOKEN/shard-00000-of-00004.ATTEMPT/...   # Beam builds, adds and compactions
+      state/v00000002.TOKEN/{tombstones.parquet, forget.parquet} # removals (memory.removals)
+      deadletter/v00000001.TOKEN.parquet                         # rows a Beam build rejected
+      leases/v00000001-ID.json                                   # readers holding a version
 
 A manifest records the format version, encoder, dimension, metric, class names, partitioning, and
-every shard with its path (relative to the memory), item count, backend and file checksums. A new
-version is published by writing a new manifest; readers pin the version they opened.
+every shard with its path (relative to the memory), item count, backend and file checksums; versions
+derived from another one record their parent, the change, and the removal state. A new version is
+published by writing a new manifest; readers pin the version they opened.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -26,6 +32,8 @@ REMOVALS_FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, REMOVALS_FORMAT_VERSION)
 MANIFESTS = "manifests"
 _NAME = re.compile(r"^v(\d{8})\.json$")
+_SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})")
+_OPTIONAL = {"optional": True}  # field metadata: left out of the JSON when None
 
 
 class MemoryFormatError(ValueError):
@@ -40,6 +48,12 @@ def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}"
 
 
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """``(index, count)`` of a name :func:`shard_name` made (suffixes allowed); None for another name."""
+    m = _SHARD_NAME.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def list_versions(root: str) -> list[int]:
     names = storage.list_names(storage.join(root, MANIFESTS))
     return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
@@ -50,44 +64,253 @@ def latest_version(root: str) -> int | None:
     return versions[-1] if versions else None
 
 
+# ---- typed reading: every value checked against its declared type, the field named on error ----------
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+
+
+def _typed(value, kind, where: str, field: str):
+    ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+    if not ok:
+        raise MemoryFormatError(f"{where}: field {field!r} must be {_TYPE_NAMES[kind]}, got {type(value).__name__}")
+    return value
+
+
+def _fields(cls, d, where: str, kinds: dict, nested: dict | None = None) -> dict:
+    """Constructor arguments of ``cls`` from a JSON object: unknown keys refused, types checked."""
+    if not isinstance(d, dict):
+        raise MemoryFormatError(f"{where} must be an object, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise MemoryFormatError(f"{where} has unknown field(s) {unknown}")
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            if f.metadata.get("optional"):
+                continue
+            raise MemoryFormatError(f"{where} lacks the field {f.name!r}")
+        value = d[f.name]
+        if value is None and (f.metadata.get("optional") or f.default is None):
+            out[f.name] = None
+        elif nested and f.name in nested:
+            out[f.name] = nested[f.name](value, f"{where}: field {f.name!r}")
+        else:
+            out[f.name] = _typed(value, kinds[f.name], where, f.name)
+    return out
+
+
+def _json(obj) -> dict:
+    """A typed object's JSON form: optional fields that are None are left out."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None and f.metadata.get("optional"):
+            continue
+        out[f.name] = value.to_json() if hasattr(value, "to_json") else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StateRef:
+    """A removal-state file (``memory.removals``): path relative to the memory, rows, size and checksum."""
+
+    path: str
+    count: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, d, where: str = "state entry") -> "StateRef":
+        return cls(**_fields(cls, d, where, {"path": str, "count": int, "bytes": int, "sha256": str}))
+
+    def to_json(self) -> dict:
+        return _json(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a version: its folder (relative to the memory), items, backend and file checksums."""
+
+    name: str
+    path: str
+    count: int
+    backend: str
+    params: dict
+    files: dict  # {relative file: {"sha256", "bytes"}}
+    partition: int | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+    build_seconds: float | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+
+    @classmethod
+    def from_json(cls, d, where: str = "shard entry") -> "ShardEntry":
+        kinds = {"name": str, "path": str, "count": int, "backend": str, "params": dict, "files": dict,
+                 "partition": int, "build_seconds": float}
+        entry = cls(**_fields(cls, d, where, kinds))
+        for rel, want in entry.files.items():
+            if not isinstance(want, dict) or not isinstance(want.get("sha256"), str) \
+                    or not isinstance(want.get("bytes"), int):
+                raise MemoryFormatError(f"{where}: field 'files' entry {rel!r} must hold sha256 and bytes")
+        return entry
+
+    def to_json(self) -> dict:
+        return _json(self)
+
+    @property
+    def partition_number(self) -> int:
+        """The partition (hash bucket or k-means group) the shard holds: recorded, or from its name."""
+        if self.partition is not None:
+            return self.partition
+        parsed = parse_shard_name(self.name)
+        if parsed is None:
+            raise MemoryFormatError(f"shard {self.name!r} names no partition")
+        return parsed[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioning:
+    """How items are assigned to shards: by ``hash`` of id, or by nearest ``kmeans`` cell."""
+
+    method: str
+    num_shards: int | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+    centroids: list | None = dataclasses.field(default=None, metadata=_OPTIONAL)  # (cells, dim) unit rows
+    cell_partitions: list | None = dataclasses.field(default=None, metadata=_OPTIONAL)  # shard of each cell
+
+    @classmethod
+    def from_json(cls, d, where: str = "partitioning") -> "Partitioning":
+        kinds = {"method": str, "num_shards": int, "centroids": list, "cell_partitions": list}
+        p = cls(**_fields(cls, d, where, kinds))
+        if p.cell_partitions is not None and len(p.cell_partitions) != len(p.centroids or ()):
+            raise MemoryFormatError(f"{where}: {len(p.cell_partitions)} cell partitions for "
+                                    f"{len(p.centroids or ())} centroids")
+        return p
+
+    def to_json(self) -> dict:
+        return _json(self)
+
+
+def _shards(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise MemoryFormatError(f"{where} must be a list, got {type(value).__name__}")
+    return [e if isinstance(e, ShardEntry) else ShardEntry.from_json(e, f"{where}[{i}]") for i, e in enumerate(value)]
+
+
+def _class_names(value, where: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise MemoryFormatError(f"{where} must be a list of strings")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """One published version of a memory. ``from_json(d).to_json() == d`` for every valid manifest."""
+
+    version: int
+    dim: int
+    class_names: list
+    backend: str
+    shards: list  # [ShardEntry]
+    count: int
+    created_unix: float
+    parent_version: int | None = None  # always written (null for a first version)
+    change: str = "write"
+    encoder: dict = dataclasses.field(default_factory=dict)  # memory.encoder_spec.EncoderSpec's form
+    partitioning: Partitioning = dataclasses.field(default_factory=lambda: Partitioning("hash"))
+    metric: str = "cosine"
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    # Extensions: left out when None.
+    change_detail: dict | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+    build: dict | None = dataclasses.field(default=None, metadata=_OPTIONAL)  # backend_params, storage_dtype
+    tombstones: StateRef | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+    forget: StateRef | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+    removed_count: int | None = dataclasses.field(default=None, metadata=_OPTIONAL)
+
+    @classmethod
+    def new(cls, *, version, dim, class_names, backend, shards, encoder=None, partitioning=None,
+            parent_version=None, change="write", change_detail=None, build=None, tombstones=None,
+            forget=None, removed_count=None) -> "Manifest":
+        """A new version's manifest: item count from its shards, format version from its removal state."""
+        shards = _shards(list(shards), "shards")
+        state = {k: v if v is None or isinstance(v, StateRef) else StateRef.from_json(v, k)
+                 for k, v in (("tombstones", tombstones or None), ("forget", forget or None))}
+        part = partitioning if isinstance(partitioning, Partitioning) else Partitioning.from_json(
+            partitioning or {"method": "hash"})
+        return cls(
+            format_version=REMOVALS_FORMAT_VERSION if state["tombstones"] or state["forget"] else FORMAT_VERSION,
+            version=int(version), parent_version=parent_version, created_unix=time.time(), change=change,
+            encoder=dict(encoder or {}), dim=int(dim), class_names=list(class_names), backend=backend,
+            partitioning=part, shards=shards, count=int(sum(s.count for s in shards)),
+            change_detail=change_detail, build=build, removed_count=removed_count, **state,
+        )
+
+    @classmethod
+    def from_json(cls, d, where: str = "manifest") -> "Manifest":
+        kinds = {"version": int, "dim": int, "backend": str, "count": int, "created_unix": float,
+                 "parent_version": int, "change": str, "encoder": dict, "metric": str, "format": str,
+                 "format_version": int, "change_detail": dict, "build": dict, "removed_count": int}
+        nested = {"shards": _shards, "class_names": _class_names, "partitioning": Partitioning.from_json,
+                  "tombstones": StateRef.from_json, "forget": StateRef.from_json}
+        return cls(**_fields(cls, d, where, kinds, nested))
+
+    def to_json(self) -> dict:
+        out = _json(self)
+        out["shards"] = [s.to_json() for s in self.shards]
+        return out
+
+    @property
+    def live_count(self) -> int:
+        """Items a search can return: all minus those removed but not yet compacted away."""
+        return self.count - (self.removed_count or 0)
+
+    @property
+    def num_partitions(self) -> int:
+        return int(self.partitioning.num_shards or len(self.shards))
+
+    def referenced_paths(self) -> set[str]:
+        """Paths (relative to the memory) this version needs: its shard folders and state files."""
+        refs = {e.path for e in self.shards}
+        return refs | {s.path for s in (self.tombstones, self.forget) if s}
+
+
+def as_manifest(manifest: Manifest | dict) -> Manifest:
+    """A :class:`Manifest` from either form (callers outside ``memory`` still pass dicts)."""
+    return manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
+
+
 def new_manifest(*, version, dim, class_names, backend, shards, encoder=None, partitioning=None,
-                 parent_version=None, change="write", extra=None) -> dict:
-    extra = extra or {}
-    removals = bool(extra.get("tombstones") or extra.get("forget"))
-    return {
-        "format": FORMAT,
-        "format_version": REMOVALS_FORMAT_VERSION if removals else FORMAT_VERSION,
-        "version": int(version),
-        "parent_version": parent_version,
-        "created_unix": time.time(),
-        "change": change,
-        "encoder": encoder or {},
-        "dim": int(dim),
-        "metric": "cosine",
-        "class_names": list(class_names),
-        "backend": backend,
-        "partitioning": partitioning or {"method": "hash"},
-        "shards": shards,
-        "count": int(sum(s["count"] for s in shards)),
-        **extra,
-    }
+                 parent_version=None, change="write", extra=None, **extensions) -> dict:
+    """:meth:`Manifest.new` as a dict. ``extra`` and ``extensions`` may only hold declared extension
+    fields (``change_detail``, ``build``, ``tombstones``, ``forget``, ``removed_count``).
+
+    Raises:
+        ValueError: an undeclared field; MemoryFormatError: a value of the wrong type.
+    """
+    extensions = {**(extra or {}), **extensions}
+    allowed = {f.name for f in dataclasses.fields(Manifest) if f.metadata.get("optional")}
+    unknown = sorted(set(extensions) - allowed)
+    if unknown:
+        raise ValueError(f"undeclared manifest field(s) {unknown}; declared extensions: {sorted(allowed)}")
+    return Manifest.new(version=version, dim=dim, class_names=class_names, backend=backend, shards=shards,
+                        encoder=encoder, partitioning=partitioning, parent_version=parent_version,
+                        change=change, **extensions).to_json()
 
 
-def write_manifest(root: str, manifest: dict) -> str:
-    """Publish a version: the manifest is the last file written, atomically."""
-    path = manifest_path(root, manifest["version"])
+def write_manifest(root: str, manifest: Manifest | dict) -> str:
+    """Publish a version: the manifest is the last file written, atomically, and only if absent."""
+    m = as_manifest(manifest)
+    path = manifest_path(root, m.version)
     if storage.exists(path):
-        raise MemoryFormatError(f"{path} already exists: version {manifest['version']} is published")
-    storage.write_bytes_atomic(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        raise MemoryFormatError(f"{path} already exists: version {m.version} is published")
+    storage.write_bytes_atomic(path, json.dumps(m.to_json(), indent=1, sort_keys=True).encode())
     return path
 
 
-def read_manifest(root: str, version: int | None = None) -> dict:
-    """Read and check the manifest of ``version`` (default: the latest).
+def load_manifest(root: str, version: int | None = None) -> Manifest:
+    """The manifest of ``version`` (default: the latest), every field checked.
 
     Raises:
         FileNotFoundError: no memory at ``root``, or no such version.
-        MemoryFormatError: unreadable JSON, another format, or a newer format version.
+        MemoryFormatError: unreadable JSON, another format, a newer format version, or a field that
+            is missing, unknown or of the wrong type (named).
     """
     if version is None:
         version = latest_version(root)
@@ -102,17 +325,19 @@ def read_manifest(root: str, version: int | None = None) -> dict:
     if not storage.exists(path):
         raise FileNotFoundError(f"memory {root} has no version {version} (versions: {list_versions(root)})")
     try:
-        manifest = json.loads(storage.read_bytes(path))
+        d = json.loads(storage.read_bytes(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MemoryFormatError(f"{path} is corrupt: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise MemoryFormatError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+    if d.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise MemoryFormatError(
-            f"{path} has format version {manifest.get('format_version')}; this vismem reads versions "
+            f"{path} has format version {d.get('format_version')}; this vismem reads versions "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. Upgrade vismem or rebuild the memory."
         )
-    for key in ("dim", "class_names", "shards", "backend"):
-        if key not in manifest:
-            raise MemoryFormatError(f"{path} lacks the field {key!r}")
-    return manifest
+    return Manifest.from_json(d, path)
+
+
+def read_manifest(root: str, version: int | None = None) -> dict:
+    """:func:`load_manifest` as the stored dict (for callers not yet on :class:`Manifest`)."""
+    return load_manifest(root, version).to_json()

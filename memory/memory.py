@@ -7,6 +7,7 @@ items, whatever the number of shards, equal similarities ordered by item id.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -16,7 +17,8 @@ from memory import manifest as mf
 from memory.backends import BACKENDS
 from memory.fanout import ThreadFanout
 from memory.partition import hash_partition, nearest_partitions
-from memory.shard import Shard, normalise, write_shard
+from memory.items import ItemPolicy, normalise
+from memory.shard import Shard, write_shard
 from memory.topk import merge_topk
 
 
@@ -42,32 +44,6 @@ class Classification:
         return [self.class_names[p] if p >= 0 else None for p in self.predictions]
 
 
-def _validate_items(embeddings, labels, ids, class_names, weights):
-    n = len(ids)
-    if n == 0:
-        raise ValueError("cannot write an empty memory: no items given")
-    if np.asarray(embeddings).ndim != 2 or len(embeddings) != n or len(labels) != n:
-        raise ValueError(
-            f"embeddings {np.shape(embeddings)}, labels ({len(labels)},) and ids ({n},) must have one row per item"
-        )
-    uniq, counts = np.unique(np.asarray(ids).astype(str), return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"duplicate item ids, e.g. {uniq[counts > 1][:3].tolist()}")
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    bad = (labels < 0) | (labels >= len(class_names))
-    if bad.any():
-        raise ValueError(
-            f"{int(bad.sum())} labels lie outside the {len(class_names)} class names "
-            f"(first: item {ids[np.flatnonzero(bad)[0]]!r} has label {labels[bad][0]})"
-        )
-    if weights is not None:
-        w = np.asarray(weights, dtype=np.float64)
-        if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
-            raise ValueError("weights must be one finite, non-negative value per item")
-
-
 def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, backend: str = "exact",
                  class_names, weights=None, provenance=None, encoder=None, backend_params=None,
                  storage_dtype: str = "float32") -> dict:
@@ -77,15 +53,26 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
     writer the Beam build also uses. The manifest is written last: an interrupted write leaves no
     readable memory behind, never a partial one.
 
+    Every item must pass ``ItemPolicy(dim, len(class_names), norm_tolerance=None)`` (any finite,
+    non-zero norm; vectors are stored L2-normalised).
+
     Raises:
-        ValueError: mismatched lengths, duplicate ids, labels outside ``class_names``, NaN/inf or
-            zero vectors, an unknown backend, or a memory already at ``path``.
+        ValueError: no items, mismatched lengths, an item the policy refuses (the first one named:
+            duplicate or empty id, NaN/inf or zero vector, label outside ``class_names``, unknown
+            ``label_source``), bad weights, an unknown backend, or a memory already at ``path``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if len(ids) == 0:
+        raise ValueError("cannot write an empty memory: no items given")
     ids = np.asarray(ids, dtype=object)
-    _validate_items(embeddings, labels, ids, class_names, weights)
-    emb = normalise(embeddings, ids=ids)
+    if not len(class_names):
+        raise ValueError("a memory needs at least one class name")
+    shape = np.shape(embeddings)
+    policy = ItemPolicy(dim=shape[1] if len(shape) == 2 and shape[1] else 1, num_classes=len(class_names),
+                        norm_tolerance=None)
+    emb = policy.admit(ids, embeddings, labels, weights=weights,
+                       label_sources=(provenance or {}).get("label_source"))
     if mf.latest_version(path) is not None:
         raise ValueError(f"a memory already exists at {path} (version {mf.latest_version(path)})")
     shard_of = hash_partition(ids, num_shards)
@@ -115,9 +102,9 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
 class Memory:
     """An opened, pinned version of a memory. Use :meth:`open`."""
 
-    def __init__(self, root, manifest, shards, executor, lease=None):
+    def __init__(self, root: str, manifest: mf.Manifest, shards, executor, lease=None):
         self.root = root
-        self.manifest = manifest
+        self._manifest = manifest
         self.shards = shards
         self.executor = executor
         self.lease = lease
@@ -142,15 +129,16 @@ class Memory:
             FileNotFoundError: nothing published at ``path``, or no such version.
             MemoryFormatError: a corrupt or partial memory, or an unsupported format version.
         """
-        manifest = mf.read_manifest(path, version)
-        lease = leases.acquire(path, manifest["version"], lease_s) if lease_s else None
+        manifest = mf.load_manifest(path, version)
+        entries = [e.to_json() for e in manifest.shards]
+        lease = leases.acquire(path, manifest.version, lease_s) if lease_s else None
         try:
             if hosts == "local":
-                shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in manifest["shards"]]
+                shards = [Shard.open(path, e, verify=verify, cache_dir=cache_dir) for e in entries]
             elif hosts == "ray":
                 from memory.ray_shards import open_remote_shards
 
-                shards = open_remote_shards(path, manifest["shards"], verify=verify)
+                shards = open_remote_shards(path, entries, verify=verify)
             else:
                 raise ValueError(f"hosts must be 'local' or 'ray', got {hosts!r}")
             removed = removals.tombstones_by_shard(path, manifest)
@@ -177,17 +165,22 @@ class Memory:
     def __exit__(self, *exc):
         self.close()
 
+    @functools.cached_property
+    def manifest(self) -> dict:
+        """The version's manifest as stored (``memory.manifest.Manifest.to_json``)."""
+        return self._manifest.to_json()
+
     @property
     def version(self) -> int:
-        return self.manifest["version"]
+        return self._manifest.version
 
     @property
     def dim(self) -> int:
-        return self.manifest["dim"]
+        return self._manifest.dim
 
     @property
     def class_names(self) -> list:
-        return self.manifest["class_names"]
+        return self._manifest.class_names
 
     @property
     def num_classes(self) -> int:
@@ -239,16 +232,16 @@ class Memory:
             return None
         if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
             raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
-        part = self.manifest.get("partitioning", {})
-        if not part.get("centroids"):
+        part = self._manifest.partitioning
+        if not part.centroids:
             raise ValueError(
                 f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
-                f"{self.root} is partitioned by {part.get('method')!r}"
+                f"{self.root} is partitioned by {part.method!r}"
             )
-        cells = part.get("cell_partitions")
-        if probe_shards >= (max(cells) + 1 if cells else len(part["centroids"])):
+        cells = part.cell_partitions
+        if probe_shards >= (max(cells) + 1 if cells else len(part.centroids)):
             return None
-        return nearest_partitions(q, part["centroids"], probe_shards, cells)
+        return nearest_partitions(q, part.centroids, probe_shards, cells)
 
     def _search_routed(self, q, k, route, knobs):
         """Each shard searches only the queries routed to its partition; the merge sees P lists per query.

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from memory import leases, removals, storage
 from memory import manifest as mf
-from memory.manifest import MemoryFormatError
+from memory.items import read_items_at
+from memory.manifest import Manifest, ShardEntry, StateRef
 
-_SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})")
 _VERSION_DIR = re.compile(r"^v(\d{8})(?:\.|$)")
 
 
@@ -29,12 +29,7 @@ def new_token() -> str:
 
 def partition_of(entry: dict) -> int:
     """The partition (hash bucket or k-means cell) a shard holds."""
-    if "partition" in entry:
-        return int(entry["partition"])
-    m = _SHARD_NAME.match(entry["name"])
-    if not m:
-        raise MemoryFormatError(f"shard {entry['name']!r} names no partition")
-    return int(m.group(1))
+    return ShardEntry.from_json(entry, f"shard {entry.get('name')!r}").partition_number
 
 
 def next_version(root: str) -> int:
@@ -42,23 +37,28 @@ def next_version(root: str) -> int:
     return 1 if latest is None else latest + 1
 
 
-def derive_manifest(parent: dict, *, version: int, change: str, detail: dict, shards=None,
+def derive_manifest(parent: Manifest | dict, *, version: int, change: str, detail: dict, shards=None,
                     tombstones="keep", forget="keep", class_names=None) -> dict:
-    """The manifest of ``version``: the parent's, with new shards and/or removal state."""
-    keep = {k: v for k, v in parent.items() if k in ("build",)}
-    extra = {**keep, "change_detail": detail}
-    for key, value in (("tombstones", tombstones), ("forget", forget)):
-        value = parent.get(key) if value == "keep" else value
-        if value:
-            extra[key] = value
-    shards = parent["shards"] if shards is None else shards
-    m = mf.new_manifest(
-        version=version, dim=parent["dim"], class_names=class_names or parent["class_names"],
-        backend=parent["backend"], shards=shards, encoder=parent.get("encoder"),
-        partitioning=parent.get("partitioning"), parent_version=parent["version"], change=change, extra=extra,
+    """The manifest of ``version``: the parent's, with new shards and/or removal state.
+
+    ``tombstones`` and ``forget`` are state entries (``removals.write_table``), None to drop, or
+    ``"keep"`` the parent's; ``removed_count`` follows the tombstones.
+    """
+    parent = mf.as_manifest(parent)
+    tombstones = parent.tombstones if tombstones == "keep" else _state(tombstones)
+    forget = parent.forget if forget == "keep" else _state(forget)
+    m = Manifest.new(
+        version=version, dim=parent.dim, class_names=class_names or parent.class_names, backend=parent.backend,
+        shards=parent.shards if shards is None else shards, encoder=parent.encoder,
+        partitioning=parent.partitioning, parent_version=parent.version, change=change, change_detail=detail,
+        build=parent.build, tombstones=tombstones, forget=forget,
+        removed_count=tombstones.count if tombstones else 0,
     )
-    m["removed_count"] = int((m.get("tombstones") or {}).get("count", 0))
-    return m
+    return m.to_json()
+
+
+def _state(entry: StateRef | dict | None) -> StateRef | None:
+    return entry if not entry or isinstance(entry, StateRef) else StateRef.from_json(entry)
 
 
 def read_id_file(path: str) -> list[str]:
@@ -74,10 +74,8 @@ def read_id_file(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _items(root: str, entry: dict, columns) -> dict:
-    fs, p = storage.filesystem(storage.join(root, entry["path"], "items.parquet"))
-    with fs.open(p, "rb") as f:
-        table = pq.read_table(f, columns=list(columns))
+def _items(shard_dir: str, columns) -> dict:
+    table = read_items_at(shard_dir, columns)
     return {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in columns}
 
 
@@ -106,24 +104,24 @@ def remove_items(root: str, *, ids=None, label: str | None = None, source: str |
         FileNotFoundError: no memory at ``root``.
     """
     t0 = time.perf_counter()
-    parent = mf.read_manifest(root)
+    parent = mf.load_manifest(root)
     label_index = None
     if label is not None:
-        if label not in parent["class_names"]:
-            raise ValueError(f"unknown class {label!r}; this memory's classes: {', '.join(parent['class_names'])}")
-        label_index = parent["class_names"].index(label)
+        if label not in parent.class_names:
+            raise ValueError(f"unknown class {label!r}; this memory's classes: {', '.join(parent.class_names)}")
+        label_index = parent.class_names.index(label)
     how = f"ids ({len(ids)} given)" if ids is not None else f"label {label}" if label is not None else f"source {source}"
     reason = reason or f"removed by {how}"
     dead = removals.tombstones_by_shard(root, parent)
     pairs = [(s, i) for s, items in dead.items() for i in items]
     removed = []
-    for entry in parent["shards"]:
-        items = _items(root, entry, ("id", "label", "source"))
+    for entry in parent.shards:
+        items = _items(storage.join(root, entry.path), ("id", "label", "source"))
         mask = select_for_removal(items, ids=ids, label=label_index, source=source)
-        already = dead.get(entry["path"], set())
+        already = dead.get(entry.path, set())
         hits = [i for i in items["id"][mask] if i not in already]
         removed.extend(hits)
-        pairs.extend((entry["path"], i) for i in hits)
+        pairs.extend((entry.path, i) for i in hits)
     version = next_version(root)
     forgotten = removals.forget_list(root, parent)
     rows = list(zip(forgotten.column("id").to_pylist(), forgotten.column("version").to_pylist(),
@@ -140,43 +138,46 @@ def remove_items(root: str, *, ids=None, label: str | None = None, source: str |
     manifest = derive_manifest(parent, version=version, change="remove", detail=detail,
                                tombstones=tomb, forget=forget)
     mf.write_manifest(root, manifest)
-    return {"memory": root, "version": version, "parent_version": parent["version"], "removed": len(removed),
+    return {"memory": root, "version": version, "parent_version": parent.version, "removed": len(removed),
             "not_found": len(not_found), "not_found_examples": not_found[:5],
             "live_count": manifest["count"] - manifest["removed_count"], "seconds": time.perf_counter() - t0}
 
 
-def plan_compaction(manifest: dict, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
+def plan_compaction(manifest: Manifest | dict, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
     """Which shards to rewrite: ``[{partition, name, sources: [{entry, dead ids}]}]``.
 
     A partition is rewritten when one of its shards holds removed items, or (``merge``) when it is
     spread over several shards (``add`` writes new ones). Its rewritten shard takes the name a fresh
     build gives that partition, so a compacted memory looks like one built from scratch.
     """
-    num = int(manifest.get("partitioning", {}).get("num_shards") or len(manifest["shards"]))
+    m = mf.as_manifest(manifest)
     by_part: dict[int, list] = {}
-    for entry in manifest["shards"]:
-        by_part.setdefault(partition_of(entry), []).append(entry)
+    for entry in m.shards:
+        by_part.setdefault(entry.partition_number, []).append(entry.to_json())
     groups = []
     for part, entries in sorted(by_part.items()):
         dirty = any(dead_by_shard.get(e["path"]) for e in entries)
         if dirty or (merge and len(entries) > 1):
-            groups.append({"partition": part, "name": mf.shard_name(part, num),
+            groups.append({"partition": part, "name": mf.shard_name(part, m.num_partitions),
                            "sources": [{"entry": e, "dead": sorted(dead_by_shard.get(e["path"], ()))}
                                        for e in entries]})
     return groups
 
 
-def compacted_manifest(parent: dict, groups: list, new_entries: list, *, version: int, detail: dict) -> dict:
+def compacted_manifest(parent: Manifest | dict, groups: list, new_entries: list, *, version: int, detail: dict,
+                       tombstones=None) -> dict:
     """The manifest after compaction: rewritten partitions replaced, their tombstones dropped.
 
     ``new_entries`` are the shard entries the job wrote (a partition whose items were all removed
-    has none). Tombstones of shards not rewritten stay, in a new state file written by the caller.
+    has none). ``tombstones``: the state entry holding the tombstones of shards not rewritten (the
+    caller writes it), None when there are none.
     """
+    parent = mf.as_manifest(parent)
     replaced = {s["entry"]["path"] for g in groups for s in g["sources"]}
-    shards = [e for e in parent["shards"] if e["path"] not in replaced] + list(new_entries)
+    shards = [e.to_json() for e in parent.shards if e.path not in replaced] + list(new_entries)
     shards.sort(key=lambda e: (partition_of(e), e["name"]))
     return derive_manifest(parent, version=version, change="compact", detail=detail, shards=shards,
-                           tombstones=None)
+                           tombstones=tombstones)
 
 
 def version_history(root: str) -> list[dict]:
@@ -184,15 +185,13 @@ def version_history(root: str) -> list[dict]:
     held = leases.held_versions(root)
     out = []
     for v in mf.list_versions(root):
-        m = mf.read_manifest(root, v)
-        removed = int(m.get("removed_count", 0))
+        m = mf.load_manifest(root, v)
         out.append({
-            "version": v, "parent_version": m.get("parent_version"), "change": m.get("change"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.get("created_unix", 0))),
-            "items": m["count"] - removed, "removed_pending_compaction": removed,
-            "forgotten": int((m.get("forget") or {}).get("count", 0)), "shards": len(m["shards"]),
-            "classes": len(m["class_names"]), "detail": m.get("change_detail", {}),
-            "leased": v in held,
+            "version": v, "parent_version": m.parent_version, "change": m.change,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_unix)),
+            "items": m.live_count, "removed_pending_compaction": m.removed_count or 0,
+            "forgotten": m.forget.count if m.forget else 0, "shards": len(m.shards),
+            "classes": len(m.class_names), "detail": m.change_detail or {}, "leased": v in held,
         })
     return out
 
@@ -200,13 +199,6 @@ def version_history(root: str) -> list[dict]:
 def _version_of(dirname: str) -> int | None:
     m = _VERSION_DIR.match(dirname)
     return int(m.group(1)) if m else None
-
-
-def referenced_paths(manifest: dict) -> set[str]:
-    """Paths (relative to the memory) a version needs: its shard folders and state files."""
-    refs = {e["path"] for e in manifest["shards"]}
-    refs |= {manifest[k]["path"] for k in ("tombstones", "forget") if manifest.get(k)}
-    return refs
 
 
 def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
@@ -227,7 +219,7 @@ def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
     kept = sorted(set(versions[-keep:]) | {v for v in versions if v in held} | {latest})
     refs = set()
     for v in kept:
-        refs |= referenced_paths(mf.read_manifest(root, v))
+        refs |= mf.load_manifest(root, v).referenced_paths()
     deleted_versions = [v for v in versions if v not in kept]
     if not dry_run:
         for v in deleted_versions:

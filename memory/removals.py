@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memory import storage
-from memory.manifest import MemoryFormatError
+from memory.manifest import Manifest, MemoryFormatError, StateRef, as_manifest
 
 TOMBSTONES_SCHEMA = pa.schema([("shard", pa.string()), ("id", pa.string())])
 FORGET_SCHEMA = pa.schema([("id", pa.string()), ("version", pa.int64()), ("reason", pa.string())])
@@ -36,29 +36,30 @@ def write_table(root: str, rel: str, table: pa.Table) -> dict:
     return {"path": rel, "count": len(table), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_table(root: str, entry: dict | None, schema: pa.Schema) -> pa.Table:
+def read_table(root: str, entry: StateRef | dict | None, schema: pa.Schema) -> pa.Table:
     """The state table an entry points at (empty when there is none), checksum verified."""
     if not entry:
         return schema.empty_table()
-    path = storage.join(root, entry["path"])
+    ref = entry if isinstance(entry, StateRef) else StateRef.from_json(entry)
+    path = storage.join(root, ref.path)
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError as exc:
         raise MemoryFormatError(f"removal state {path} is missing") from exc
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if len(data) != ref.bytes or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise MemoryFormatError(f"removal state {path} is corrupt: it does not match its checksum")
     return pq.read_table(pa.BufferReader(data))
 
 
-def tombstones(root: str, manifest: dict) -> pa.Table:
-    return read_table(root, manifest.get("tombstones"), TOMBSTONES_SCHEMA)
+def tombstones(root: str, manifest: Manifest | dict) -> pa.Table:
+    return read_table(root, as_manifest(manifest).tombstones, TOMBSTONES_SCHEMA)
 
 
-def forget_list(root: str, manifest: dict) -> pa.Table:
-    return read_table(root, manifest.get("forget"), FORGET_SCHEMA)
+def forget_list(root: str, manifest: Manifest | dict) -> pa.Table:
+    return read_table(root, as_manifest(manifest).forget, FORGET_SCHEMA)
 
 
-def tombstones_by_shard(root: str, manifest: dict) -> dict[str, set]:
+def tombstones_by_shard(root: str, manifest: Manifest | dict) -> dict[str, set]:
     """``{shard path: set of removed ids}`` for the version ``manifest`` describes."""
     table = tombstones(root, manifest)
     out: dict[str, set] = {}

@@ -3,11 +3,12 @@
 Embedding shard (written by the embedding pipeline, read by builds and queries), one Parquet file:
 ``id`` string (globally unique, stable), ``embedding`` fixed-size list of float16/float32,
 ``label`` int32 (-1 unknown), ``label_source`` ("human" | "teacher"), ``confidence`` float32,
-``source`` (dataset name), ``uri``. Schema metadata: encoder, encoder_version, dim, normalisation.
+``source`` (dataset name), ``uri`` (``memory.uris``). Schema metadata: dim, normalisation and the
+encoder (``memory.encoder_spec``).
 
-Items table (one per memory shard, row ``i`` is index row ``i``): ``id``, ``label``, ``weight``
-(vote multiplier, 1.0 unless soft-pruned) and the provenance columns ``label_source``,
-``confidence``, ``source``, ``uri``.
+Items table (one per memory shard, row ``i`` is index row ``i``; read by ``memory.items``): ``id``,
+``label``, ``weight`` (vote multiplier, 1.0 unless soft-pruned) and the provenance columns
+``label_source``, ``confidence``, ``source``, ``uri``.
 """
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ ITEMS_SCHEMA = pa.schema(
 )
 
 
-def default_provenance(n: int, source: str = "") -> dict:
+def default_provenance(n: int) -> dict:
+    """Provenance of ``n`` items nobody described: human labels, full confidence, no source or uri."""
     return {
         "label_source": np.full(n, "human", dtype=object),
         "confidence": np.ones(n, dtype=np.float32),
-        "source": np.full(n, source, dtype=object),
+        "source": np.full(n, "", dtype=object),
         "uri": np.full(n, "", dtype=object),
     }
 
@@ -140,29 +142,36 @@ def items_table(ids, labels, weights, provenance) -> pa.Table:
     )
 
 
-def shard_files(path: str) -> list[str]:
-    """The embedding shards at ``path``: one file, every ``*.parquet`` under a folder, or a glob."""
-    fs, p = storage.filesystem(path)
-    proto = path.split("://", 1)[0] + "://" if storage.is_remote(path) else ""
-    if any(ch in p for ch in "*?["):
-        files = sorted(fs.glob(p))
-    elif fs.isdir(p):
-        files = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
-    else:
-        return [path]
-    if not files:
-        raise FileNotFoundError(f"no embedding shards (*.parquet) at {path}")
-    return [f if f.startswith(proto) else proto + f for f in files]
+def shard_files(path) -> list[str]:
+    """The embedding shards at ``path`` (or at each of a list of paths): one file, every ``*.parquet``
+    under a folder, or a glob's matches."""
+    out = []
+    for one in [path] if isinstance(path, str) else list(path):
+        files = storage.find_files(one, ".parquet")
+        if not files:
+            raise FileNotFoundError(f"no embedding shards (*.parquet) at {one}")
+        out += files
+    return out
 
 
-def read_embedding_shards(path: str) -> dict:
+def read_embedding_shards(path) -> dict:
     """:func:`read_embeddings` over every shard at ``path`` (file, folder or glob), concatenated."""
-    parts = [read_embeddings(f) for f in shard_files(path)]
+    return concat_embeddings([read_embeddings(f) for f in shard_files(path)], where=str(path))
+
+
+def concat_embeddings(parts: list[dict], where: str = "the embedding shards") -> dict:
+    """One :func:`read_embeddings` result from several, in order (the first one's metadata).
+
+    Raises:
+        ValueError: no parts, or parts that disagree on the dimension.
+    """
+    if not parts:
+        raise ValueError(f"no embedding shards to concatenate at {where}")
     if len(parts) == 1:
         return parts[0]
     dims = {p["embeddings"].shape[1] for p in parts}
     if len(dims) > 1:
-        raise ValueError(f"embedding shards at {path} disagree on the dimension: {sorted(dims)}")
+        raise ValueError(f"embedding shards at {where} disagree on the dimension: {sorted(dims)}")
     return {
         "ids": np.concatenate([p["ids"] for p in parts]),
         "embeddings": np.concatenate([p["embeddings"] for p in parts]),

@@ -6,6 +6,7 @@ rebuilds) and the backend's own files. Its manifest entry carries every file's c
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,25 +16,8 @@ import pyarrow.parquet as pq
 
 from memory import schema, storage
 from memory.backends import EMBEDDINGS_FILE, backend
+from memory.items import ITEMS_FILE, normalise, read_items_at
 from memory.manifest import MemoryFormatError
-
-ITEMS_FILE = "items.parquet"
-
-
-def normalise(x: np.ndarray, what: str = "embeddings", ids=None) -> np.ndarray:
-    """L2-normalised float32 copy of ``x`` ``(N, dim)``; rejects NaN, infinite and zero rows by name."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be a 2-d (rows, dim) array, got shape {x.shape}")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        where = ids[np.flatnonzero(bad)[0]] if ids is not None else int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{what} contain NaN or infinite values ({int(bad.sum())} rows, first: {where})")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        where = ids[np.flatnonzero(norms[:, 0] == 0)[0]] if ids is not None else int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise ValueError(f"{what} contain all-zero rows, which have no direction (first: {where})")
-    return x / norms
 
 
 def write_shard(dest: str, embeddings, ids, labels, *, backend_name: str, weights=None,
@@ -71,7 +55,7 @@ class Shard:
     def __init__(self, entry: dict, local_dir: str):
         self.entry = entry
         self.name = entry["name"]
-        items = pq.read_table(os.path.join(local_dir, ITEMS_FILE))
+        items = read_items_at(local_dir, ["id", "label", "weight"])
         self.ids = np.asarray(items.column("id").to_pylist(), dtype=object)
         self.labels = items.column("label").to_numpy().astype(np.int64)
         self.weights = items.column("weight").to_numpy().astype(np.float32)
@@ -98,27 +82,8 @@ class Shard:
     @classmethod
     def open(cls, root: str, entry: dict, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
         """Open the shard at ``root/entry['path']``, checking that every file is there and intact."""
-        src = storage.join(root, entry["path"])
-        files = sorted(entry["files"])
-        try:
-            local = storage.fetch_dir(src, files, cache_root=cache_dir)
-        except FileNotFoundError as exc:
-            raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {exc}") from exc
-        downloaded = storage.is_remote(src)
-        try:
-            for rel in files:
-                path = os.path.join(local, rel)
-                if not os.path.exists(path):
-                    raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {rel} is missing")
-                want = entry["files"][rel]
-                if os.path.getsize(path) != want["bytes"] or (verify and storage.sha256_file(path) != want["sha256"]):
-                    raise MemoryFormatError(
-                        f"shard {entry['name']} at {src} is corrupt: {rel} does not match its checksum"
-                    )
+        with local_shard(root, entry, verify=verify, cache_dir=cache_dir) as local:
             return cls(entry, local)
-        finally:
-            if downloaded:  # both backends load their files fully into memory
-                shutil.rmtree(local, ignore_errors=True)
 
     def search(self, queries: np.ndarray, k: int, **knobs):
         """``(sims, ids, labels, weights)`` of this shard's top-k live items, best first.
@@ -158,11 +123,33 @@ class Shard:
         return sims, ids, labels, weights
 
 
-def read_items(root: str, entry: dict, columns=None):
-    """A shard's items table (optionally only ``columns``) as a pyarrow Table, read in place."""
-    fs, p = storage.filesystem(storage.join(root, entry["path"], ITEMS_FILE))
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, columns=columns)
+@contextlib.contextmanager
+def local_shard(root: str, entry: dict, files=None, *, verify: bool = True, cache_dir: str | None = None):
+    """A local folder holding ``files`` (default: all) of the shard ``entry``, each checked against
+    the size (and, with ``verify``, the checksum) its manifest entry records; a download is
+    deleted on exit.
+
+    Raises:
+        MemoryFormatError: a file missing ("incomplete") or not matching its checksum ("corrupt").
+    """
+    src = storage.join(root, entry["path"])
+    files = sorted(entry["files"] if files is None else files)
+    try:
+        local = storage.fetch_dir(src, files, cache_root=cache_dir)
+    except FileNotFoundError as exc:
+        raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {exc}") from exc
+    try:
+        for rel in files:
+            path = os.path.join(local, rel)
+            if not os.path.exists(path):
+                raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {rel} is missing")
+            want = entry["files"][rel]
+            if os.path.getsize(path) != want["bytes"] or (verify and storage.sha256_file(path) != want["sha256"]):
+                raise MemoryFormatError(f"shard {entry['name']} at {src} is corrupt: {rel} does not match its checksum")
+        yield local
+    finally:
+        if storage.is_remote(src):
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def read_vectors(root: str, entry: dict, rows) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -88,6 +89,23 @@ def list_names(path: str) -> list[str]:
         return []
     fs.invalidate_cache(p)
     return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
+
+
+def find_files(path: str, suffix: str = "") -> list[str]:
+    """Files at ``path``, sorted: every file under a folder (recursively, hidden names left out) or
+    every match of a glob, ending in ``suffix``; any other path is returned as it is (its reader
+    reports it when missing). Found files keep ``path``'s form: local paths or full URLs."""
+    fs, p = filesystem(path)
+    if any(ch in p for ch in "*?["):
+        proto = path.split("://", 1)[0] + "://" if is_remote(path) else ""
+        found = [f if f.startswith(proto) else proto + f for f in fs.glob(p)]
+    elif fs.isdir(p):
+        fs.invalidate_cache(p)
+        rels = (posixpath.relpath(f, p) for f in fs.find(p))
+        found = [join(path, r) for r in rels if not any(part.startswith(".") for part in r.split("/"))]
+    else:
+        return [path]
+    return sorted(f for f in found if f.endswith(suffix))
 
 
 def publish_dir(local_dir: str, dest: str) -> None:

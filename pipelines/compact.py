@@ -11,26 +11,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
-import uuid
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
 
 from memory import manifest as mf
-from memory import mutations, removals, schema, storage
+from memory import mutations, removals, schema
 from memory.backends import EMBEDDINGS_FILE
-from memory.manifest import MemoryFormatError
-from memory.shard import ITEMS_FILE, write_shard
-from pipelines.build import run_pipeline
+from memory.items import ITEMS_FILE, read_items_at
+from memory.shard import local_shard
+from pipelines import validate
+from pipelines.beam_runner import run_pipeline
+from pipelines.build_graph import write_shard_attempt
 
 log = logging.getLogger("vismem.compact")
 
 
 @dataclasses.dataclass(frozen=True)
 class CompactConfig:
+    """What every compaction worker needs: plain values (it travels pickled to each)."""
+
     root: str
     version: int
     token: str
@@ -40,28 +41,17 @@ class CompactConfig:
 
 
 def read_shard_rows(root: str, entry: dict, dead) -> dict:
-    """A shard's stored rows (vectors, ids, labels, weights, provenance) minus the ``dead`` ids."""
-    src = storage.join(root, entry["path"])
-    files = [ITEMS_FILE, EMBEDDINGS_FILE]
-    local = storage.fetch_dir(src, files)
-    try:
-        for rel in files:
-            want = entry["files"][rel]
-            path = os.path.join(local, rel)
-            if os.path.getsize(path) != want["bytes"] or storage.sha256_file(path) != want["sha256"]:
-                raise MemoryFormatError(f"shard {entry['name']} at {src} is corrupt: {rel} does not match its checksum")
-        items = pq.read_table(os.path.join(local, ITEMS_FILE))
+    """A shard's stored rows (ids, embeddings, labels, weights, provenance columns) minus the ``dead`` ids."""
+    with local_shard(root, entry, [ITEMS_FILE, EMBEDDINGS_FILE]) as local:  # checksums verified
+        items = read_items_at(local)
         emb = np.load(os.path.join(local, EMBEDDINGS_FILE))
-    finally:
-        if storage.is_remote(src):
-            shutil.rmtree(local, ignore_errors=True)
     ids = np.asarray(items.column("id").to_pylist(), dtype=object)
     gone = set(dead)
     keep = np.fromiter((i not in gone for i in ids), dtype=bool, count=len(ids))
-    cols = {c: np.asarray(items.column(c).to_pylist(), dtype=object)[keep] for c in schema.PROVENANCE_COLUMNS}
-    cols["confidence"] = cols["confidence"].astype(np.float32)
+    rows = {c: np.asarray(items.column(c).to_pylist(), dtype=object)[keep] for c in schema.PROVENANCE_COLUMNS}
+    rows["confidence"] = rows["confidence"].astype(np.float32)
     return {"ids": ids[keep], "embeddings": emb[keep], "labels": items.column("label").to_numpy()[keep],
-            "weights": items.column("weight").to_numpy()[keep], "provenance": cols, "dtype": str(emb.dtype)}
+            "weights": items.column("weight").to_numpy()[keep], **rows}
 
 
 class CompactPartition(beam.DoFn):
@@ -74,23 +64,15 @@ class CompactPartition(beam.DoFn):
         c = self.cfg
         t0 = time.perf_counter()
         parts = [read_shard_rows(c.root, s["entry"], s["dead"]) for s in group["sources"]]
-        n = sum(len(p["ids"]) for p in parts)
-        if n == 0:
+        rows = validate.concat(parts)
+        if not len(rows["ids"]):
             log.info("partition %d: every item removed, no shard left", group["partition"])
             return
-        # A folder per attempt (see pipelines.build.WriteShard): retried bundles never share one.
-        rel = f"shards/v{c.version:08d}.{c.token}/{group['name']}.{uuid.uuid4().hex[:8]}"
-        entry = write_shard(
-            storage.join(c.root, rel), np.concatenate([p["embeddings"] for p in parts]),
-            np.concatenate([p["ids"] for p in parts]), np.concatenate([p["labels"] for p in parts]),
-            backend_name=c.backend, weights=np.concatenate([p["weights"] for p in parts]),
-            provenance={k: np.concatenate([p["provenance"][k] for p in parts]) for k in schema.PROVENANCE_COLUMNS},
-            backend_params=c.backend_params or None, storage_dtype=parts[0]["dtype"],
-        )
-        seconds = time.perf_counter() - t0
-        log.info("shard %s compacted: %d items in %.2f s", group["name"], n, seconds)
-        yield {"name": group["name"], "path": rel, "partition": group["partition"], **entry,
-               "build_seconds": round(seconds, 3)}
+        entry = write_shard_attempt(c.root, c.version, c.token, group["name"], group["partition"], rows,
+                                    backend=c.backend, backend_params=c.backend_params,
+                                    storage_dtype=str(parts[0]["embeddings"].dtype), started=t0)
+        log.info("shard %s compacted: %d items in %.2f s", group["name"], len(rows["ids"]), entry["build_seconds"])
+        yield entry
 
 
 def publish_compaction(entries, cfg: CompactConfig, groups) -> int:

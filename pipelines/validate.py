@@ -39,10 +39,11 @@ def take(batch: dict, idx) -> dict:
 
 
 def concat(batches: list) -> dict:
-    """One batch from many (rows of several files; ``file`` is then per row)."""
-    out = {c: np.concatenate([b[c] for b in batches]) for c in COLUMNS}
-    out["file"] = np.concatenate([np.full(len(b["ids"]), b["file"], dtype=object) if isinstance(b["file"], str)
-                                  else b["file"] for b in batches])
+    """One batch from many with the same columns: rows of several files (``file`` is then per row) or shards."""
+    out = {c: np.concatenate([b[c] for b in batches]) for c in batches[0] if c != "file"}
+    if "file" in batches[0]:
+        out["file"] = np.concatenate([np.full(len(b["ids"]), b["file"], dtype=object) if isinstance(b["file"], str)
+                                      else b["file"] for b in batches])
     return out
 
 

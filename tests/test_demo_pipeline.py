@@ -2,7 +2,7 @@
 import json
 import os
 
-from pipelines.demo import run_demo
+from demo.run import run_demo
 
 
 def test_demo_end_to_end_on_a_few_hundred_images(tmp_path):

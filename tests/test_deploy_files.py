@@ -13,12 +13,13 @@ from apache_beam.runners.runner import create_runner
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from cli.main import build_parser
 from deploy.submit import check_command
-from pipelines.build import pipeline_options
-from vismem_cli import build_parser
+from pipelines.beam_runner import pipeline_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
+PARSE = build_parser().parse_args  # vismem's own parser, as the CLI hands it to check_command
 
 
 def setup_py() -> dict:
@@ -59,7 +60,7 @@ def test_dockerfiles_agree_with_setup_py(name):
     for src in d["sources"]:  # everything the image copies exists, and nothing setup.py needs is left out
         assert os.path.exists(os.path.join(ROOT, src)), src
     packages = {p.rstrip("*") for p in SETUP["packages"]}
-    assert packages <= set(d["sources"]) and {"setup.py", "README.md", "vismem_cli.py"} <= set(d["sources"])
+    assert packages <= set(d["sources"]) and {"setup.py", "README.md", "cli"} <= set(d["sources"])
     # torch comes from PyTorch's own index, pinned, before the project (or pip pulls the CUDA build).
     assert f'"torch==${{TORCH_VERSION}}" .' in d["text"] and "download.pytorch.org/whl/" in d["text"]
     if name == "Dockerfile.beam":
@@ -70,6 +71,12 @@ def test_dockerfiles_agree_with_setup_py(name):
         assert SETUP["requires"]["ray"].specifier.contains(ray_version) and "default" in SETUP["requires"]["ray"].extras
         assert d["base"].startswith(f"rayproject/ray:{ray_version}-py311-")
         assert d["base"].endswith("-cpu") == (name == "Dockerfile")
+
+
+def test_submit_ships_this_checkout_by_default():
+    from deploy.submit import project_root, runtime_env
+
+    assert project_root() == ROOT and runtime_env()["working_dir"] == ROOT
 
 
 def images_of(doc) -> list:
@@ -117,10 +124,10 @@ def test_kuberay_manifests():
             assert d["spec"]["shutdownAfterJobFinishes"] is True
             entrypoints.append(d["spec"]["entrypoint"])
     for cmd in entrypoints:  # valid vismem invocations, by vismem's own parser
-        assert check_command(shlex.split(cmd)) == shlex.split(cmd)
+        assert check_command(shlex.split(cmd), parse=PARSE) == shlex.split(cmd)
     assert {shlex.split(c)[1] for c in entrypoints} == {"embed", "eval"}
     with pytest.raises(ValueError, match="unrecognized arguments"):
-        check_command(shlex.split(entrypoints[0]) + ["--no-such-flag"])
+        check_command(shlex.split(entrypoints[0]) + ["--no-such-flag"], parse=PARSE)
 
 
 def test_ray_cluster_launcher_config():
@@ -160,7 +167,7 @@ def test_beam_runner_settings_build_a_pipeline_without_submitting(runner, monkey
     monkeypatch.chdir(ROOT)  # --setup_file=./setup.py is relative to where vismem is run: the checkout
     spec = RUNNERS["runners"][runner]
     argv = shlex.split(RUNNERS["command"]) + spec["options"]
-    check_command(argv)
+    check_command(argv, parse=PARSE)
     args = build_parser().parse_args(argv[1:])
     assert args.verb == "build" and args.num_shards == 64 and args.beam_args == spec["options"]
     opts = pipeline_options(args.beam_args)

@@ -1,12 +1,12 @@
 """``vismem embed`` / ``vismem probe`` on the command line: help that teaches, errors that name the problem."""
 import pytest
 
-import vismem_cli
+from cli.main import main
 
 
 def test_embed_help_teaches_with_examples(capsys):
     with pytest.raises(SystemExit) as exc:
-        vismem_cli.main(["embed", "--help"])
+        main(["embed", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for needle in ("vismem embed fashion-mnist out/fm-train --limit 2000", "--teacher probe:out/probe.npz",
@@ -14,7 +14,7 @@ def test_embed_help_teaches_with_examples(capsys):
                    "OUT/errors/*.parquet"):
         assert needle in text, needle
     with pytest.raises(SystemExit):
-        vismem_cli.main(["probe", "--help"])
+        main(["probe", "--help"])
     assert "vismem probe out/fm-train --out out/probe.npz" in capsys.readouterr().out
 
 
@@ -31,7 +31,7 @@ def test_embed_help_teaches_with_examples(capsys):
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VISMEM_MODEL_DIR", str(tmp_path / "models"))
-    assert vismem_cli.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "OUT").exists()

@@ -46,7 +46,7 @@ def test_embed_on_a_ray_start_head_cluster(tmp_path):
                 time.sleep(0.3)
         out = tmp_path / "out"
         res = subprocess.run(
-            [sys.executable, "-m", "vismem_cli", "embed", "fashion-mnist", str(out), "--split", "test", "--limit", "60",
+            [sys.executable, "-m", "cli", "embed", "fashion-mnist", str(out), "--split", "test", "--limit", "60",
              "--shard-size", "20", "--image-size", "32", "--ray-address", f"127.0.0.1:{port}", "--no-progress"],
             capture_output=True, text=True, timeout=180, env=env)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from pipelines import images, sources, teachers
-from pipelines.embed import ShardProcessor, decode_shard, summarise
+from pipelines.embed_summary import summarise
+from pipelines.embed_worker import ShardProcessor, decode_shard
 from pipelines.sources import SourceSpec, open_source
+from pipelines.sources.idx import write_idx
 
 
 def _png(arr, mode=None, **save):
@@ -125,8 +127,8 @@ def test_folder_source_labels_by_subfolder_and_quarantines_bad_files(tmp_path):
 
 def test_idx_source_shards_ids_labels_and_hidden_fraction(tmp_path):
     x, y = sources.fashion_mnist("test")
-    sources.write_idx(str(tmp_path / "fm" / "t10k-images-idx3-ubyte.gz"), x[:50])
-    sources.write_idx(str(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"), y[:50].astype(np.uint8))
+    write_idx(str(tmp_path / "fm" / "t10k-images-idx3-ubyte.gz"), x[:50])
+    write_idx(str(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"), y[:50].astype(np.uint8))
     spec = SourceSpec(str(tmp_path / "fm"), split="test", shard_size=20, unlabelled_fraction=0.5)
     src = open_source(spec)
     assert src.spec.kind == "idx" and [s.size for s in src.shards()] == [20, 20, 10]

@@ -17,7 +17,7 @@ ARGS = ["fashion-mnist", "--split", "test", "--limit", "360", "--shard-size", "3
 
 
 def _vismem(out, **popen):
-    cmd = [sys.executable, "-m", "vismem_cli", "embed", ARGS[0], str(out), *ARGS[1:]]
+    cmd = [sys.executable, "-m", "cli", "embed", ARGS[0], str(out), *ARGS[1:]]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **popen)
 
 

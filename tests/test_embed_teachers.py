@@ -5,11 +5,12 @@ import pytest
 import ray
 import torch
 
-from pipelines.cli import fit_probe_from_shards
 from pipelines.embed import EmbedConfig, run_embed
 from pipelines.encoders import load_encoder
 from pipelines.outputs import read_run
-from pipelines.sources import SourceSpec, fashion_mnist, hidden
+from pipelines.probe import fit_probe_from_shards
+from pipelines.sources import SourceSpec, fashion_mnist
+from pipelines.sources.base import hidden
 from pipelines.teachers import LABEL_MAP_DIR, load_label_map, load_probe
 
 FM_MAP = f"{LABEL_MAP_DIR}/imagenet_to_fashion_mnist.json"

@@ -7,6 +7,7 @@ import numpy as np
 from conftest import clustered
 from eval.evaluate import evaluate
 from memory import schema, voting, write_memory
+from test_eval_plots import EVAL_PLOT_SERIES, assert_plotted, empty_eval_plots
 
 
 def test_eval_writes_consistent_figures(tmp_path):
@@ -44,10 +45,10 @@ def test_eval_writes_consistent_figures(tmp_path):
     assert "Honest figure" in report
     for r in honest:  # every held-out figure is in the report's table, in bold
         assert f"**{r['test_accuracy']:.4f}**" in report
-    for name in ("accuracy_by_k.png", "hit_rate.png", "reliability.png", "calibration.png", "distances.png",
-                 "sweeps.png"):
-        with open(os.path.join(out, name), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    empty = empty_eval_plots(tmp_path / "empty", 40)
+    for name, series in EVAL_PLOT_SERIES.items():
+        # distances.png also draws the out-of-distribution series here.
+        assert_plotted(os.path.join(out, name), os.path.join(empty, name), series + (name == "distances.png"))
         assert f"]({name})" in report
 
 

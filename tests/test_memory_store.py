@@ -136,18 +136,28 @@ def test_pinned_version_and_no_overwrite(tmp_path, data):
 def test_bad_items_are_refused_before_anything_is_written(tmp_path, data):
     x, labels, ids, _ = data
     root = str(tmp_path / "m")
+    nan = np.where(np.arange(600)[:, None] == 3, np.nan, x)
+    zero = np.where(np.arange(600)[:, None] == 3, 0.0, x)
     cases = [
-        (dict(embeddings=x, labels=labels, ids=np.array(["dup"] * 600, dtype=object)), "duplicate item ids"),
-        (dict(embeddings=x, labels=labels + 4, ids=ids), "labels lie outside the 4 class names"),
+        (dict(embeddings=x, labels=labels, ids=np.array(["dup"] * 600, dtype=object)),
+         r"600 of 600 items .* row 0 \(id 'dup'\): duplicate id"),
+        (dict(embeddings=x, labels=labels + 4, ids=ids), r"600 of 600 .* row 0 .*: label \d outside the 4 class names"),
         (dict(embeddings=x[:10], labels=labels, ids=ids), "one row per item"),
-        (dict(embeddings=np.where(np.arange(600)[:, None] == 3, np.nan, x), labels=labels, ids=ids), "NaN or infinite"),
-        (dict(embeddings=np.where(np.arange(600)[:, None] == 3, 0.0, x), labels=labels, ids=ids), "all-zero rows"),
+        (dict(embeddings=nan, labels=labels, ids=ids), r"1 of 600 .* row 3 \(id 'item-0003'\): NaN or infinite"),
+        (dict(embeddings=zero, labels=labels, ids=ids), r"1 of 600 .* row 3 .*: all-zero embedding"),
         (dict(embeddings=x[:0], labels=labels[:0], ids=ids[:0]), "empty memory"),
+        (dict(embeddings=x, labels=labels.astype(float), ids=ids), "labels must be integers"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             write_memory(root, kwargs["embeddings"], kwargs["labels"], kwargs["ids"], class_names=CLASSES)
         assert not os.path.exists(root)
+    with pytest.raises(ValueError, match=r"row 5 \(id 'item-0005'\): label_source 'crowd' is not one of human"):
+        write_memory(root, x, labels, ids, class_names=CLASSES,
+                     provenance={"label_source": np.where(np.arange(600) == 5, "crowd", "human")})
+    with pytest.raises(ValueError, match="weights must be one finite"):
+        write_memory(root, x, labels, ids, class_names=CLASSES, weights=-np.ones(600))
+    assert not os.path.exists(root)
     with pytest.raises(ValueError, match="unknown index backend 'faiss'"):
         write_memory(root, x, labels, ids, class_names=CLASSES, backend="faiss")
 

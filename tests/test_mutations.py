@@ -168,15 +168,16 @@ def test_gc_keeps_current_and_leased_versions(tmp_path, data):
 
 def test_plan_compaction_picks_dirty_and_split_partitions():
     def entry(name, path, part=None):
-        e = {"name": name, "path": path, "count": 10}
+        e = {"name": name, "path": path, "count": 10, "backend": "exact", "params": {}, "files": {}}
         return e if part is None else {**e, "partition": part}
 
-    manifest = {"partitioning": {"method": "hash", "num_shards": 3}, "shards": [
+    manifest = mf.new_manifest(version=3, dim=4, class_names=["a"], backend="exact",
+                               partitioning={"method": "hash", "num_shards": 3}, shards=[
         entry("shard-00000-of-00003", "shards/v1/shard-00000-of-00003"),
         entry("shard-00001-of-00003", "shards/v1/shard-00001-of-00003"),
         entry("shard-00002-of-00003", "shards/v1/shard-00002-of-00003"),
         entry("shard-00002-of-00003-add-v00000003", "shards/v3.x/shard-00002-of-00003-add-v00000003", 2),
-    ]}
+    ])
     dead = {"shards/v1/shard-00000-of-00003": {"b", "a"}}
     groups = plan_compaction(manifest, dead)
     assert [(g["partition"], g["name"], len(g["sources"])) for g in groups] == [

@@ -11,7 +11,7 @@ import uvicorn
 
 from conftest import clustered
 from deploy.client import VismemClient, VismemError
-from deploy.serve import Limits, create_app, read_admin_token
+from deploy.serving import Limits, create_app, read_admin_token
 from memory import Memory, write_memory
 from memory import manifest as mf
 from memory.mutations import remove_items

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import clustered
 from deploy.client import VismemClient, VismemError
-from deploy.serve import create_app, read_admin_token
+from deploy.serving import create_app, read_admin_token
 from memory import write_memory
 from test_serve import Running, free_port
 

@@ -6,12 +6,14 @@ import time
 
 import pytest
 
+from cli.main import build_parser
 from conftest import clustered
 from deploy import submit
 from memory import schema, write_memory
 from ray_head import BIN, job_env, ray_head
 
 VISMEM = os.path.join(BIN, "vismem")
+PARSE = build_parser().parse_args  # what the CLI hands to submit
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_eval_job_runs_to_completion(head, tiny, tmp_path):
     logs = tmp_path / "logs.txt"
     with open(logs, "w") as f:
         rec = submit.submit(head, ["vismem", "eval", str(tiny / "mem"), str(tiny / "q.parquet"), "--out", str(out),
-                                   "--k-max", "10"], runtime=submit.runtime_env(working_dir=None), out=f)
+                                   "--k-max", "10"], parse=PARSE, runtime=submit.runtime_env(working_dir=None), out=f)
     assert rec["status"] == "SUCCEEDED", logs.read_text()[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and (out / "report.md").exists()
@@ -72,7 +74,8 @@ def test_failing_job_reports_failure_with_nonzero_exit(head, tiny):
 
 def test_stopped_job_stops(head, tmp_path):
     rec = submit.submit(head, ["python", "-c", "import time; print('started', flush=True); time.sleep(600)"],
-                        runtime=submit.runtime_env(working_dir=None), follow=False, any_command=True)
+                        parse=PARSE, runtime=submit.runtime_env(working_dir=None), follow=False,
+                        any_command=True)
     job = rec["job_id"]
     c = submit.client(head)
     deadline = time.time() + 60
@@ -93,9 +96,9 @@ def test_bad_commands_are_refused_before_anything_is_sent(head):
     res = vismem("submit", "--cluster", head, "--", "vismem", "eval", "only-one-arg")
     assert res.returncode == 2 and "the following arguments are required" in res.stderr
     with pytest.raises(ValueError, match="--any-command"):
-        submit.submit(head, ["rm", "-rf", "/"])
+        submit.submit(head, ["rm", "-rf", "/"], parse=PARSE)
     with pytest.raises(ValueError, match="unrecognized arguments: --bogus"):
-        submit.submit(head, ["--", "vismem", "info", "m", "--bogus"])
+        submit.submit(head, ["--", "vismem", "info", "m", "--bogus"], parse=PARSE)
     assert len(submit.list_jobs(head)) == before
     with pytest.raises(ValueError, match="cannot reach the Ray job API at http://127.0.0.1:1"):
         submit.list_jobs("http://127.0.0.1:1")

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+from cli.main import build_parser
 from deploy import submit
 from memory import schema
 from ray_head import ray_head
@@ -21,7 +22,7 @@ def test_embed_job_runs_on_the_cluster(head, tmp_path):
         rec = submit.submit(head, ["vismem", "embed", "fashion-mnist", str(out), "--limit", "24", "--shard-size", "12",
                                    "--image-size", "32", "--num-workers", "1", "--threads-per-worker", "1",
                                    "--ray-address", "auto", "--no-progress"],
-                            runtime=submit.runtime_env(working_dir=None), out=logs)
+                            parse=build_parser().parse_args, runtime=submit.runtime_env(working_dir=None), out=logs)
     assert rec["status"] == "SUCCEEDED", (tmp_path / "logs.txt").read_text()[-3000:]
     shards = sorted((out / "embeddings").glob("*.parquet"))
     assert len(shards) == 2

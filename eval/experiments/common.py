@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 
 import numpy as np
 
+from memory import schema
 from memory.memory import Memory, write_memory
 
 
@@ -37,6 +39,7 @@ def neighbours(memory: Split, queries: np.ndarray, k: int, class_names, *, num_s
 
 
 def table(header, rows) -> list:
+    """The lines of a Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
@@ -47,8 +50,6 @@ def read_split(path: str, *, labelled_only: bool = True, label_source: str | Non
 
     ``label_source`` keeps only rows labelled by ``human`` or by a ``teacher``.
     """
-    from memory import schema
-
     data = schema.read_embedding_shards(path)
     emb, labels, ids = data["embeddings"], data["labels"], data["ids"]
     keep = labels >= 0 if labelled_only else np.ones(len(labels), bool)
@@ -57,26 +58,8 @@ def read_split(path: str, *, labelled_only: bool = True, label_source: str | Non
     return Split(emb[keep] / np.linalg.norm(emb[keep], axis=1, keepdims=True), labels[keep], ids[keep])
 
 
-def class_names_arg(value: str | None, num_labels: int) -> list:
-    """Class names from ``a,b,c``, a JSON file (a list, or an embed run summary), or ``0..C-1``."""
-    import json
-
-    if not value:
-        return [str(i) for i in range(num_labels)]
-    if os.path.exists(value):
-        with open(value) as f:
-            obj = json.load(f)
-        names = obj if isinstance(obj, list) else obj.get("class_names") or obj.get("source", {}).get("class_names")
-        if not isinstance(names, list):
-            raise ValueError(f"{value} holds neither a list of class names nor an embed summary with them")
-        return [str(n) for n in names]
-    return [n.strip() for n in value.split(",")]
-
-
 def write_part(out_dir: str, name: str, result: dict) -> str:
-    """Write an experiment's report part and figures, then rebuild ``report.md`` from every part."""
-    import json
-
+    """Write an experiment's report part and figures, then rebuild ``experiments.md`` from every part."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(result["figures"], f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

@@ -13,7 +13,7 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, self_k: int 
     """Accuracy of each rule with no pruning, hard pruning at each threshold, and soft pruning.
 
     ``self_k`` neighbours per self-query count towards each item's wrong contributions ``v``. Hard
-    pruning marks pruned neighbours excluded (-1), so later ones move up; ``over_fetch`` extra
+    pruning marks pruned neighbours excluded, so later ones move up; ``over_fetch`` extra
     neighbours are retrieved so that k remain.
     """
     num_classes = len(class_names)
@@ -27,12 +27,13 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, self_k: int 
     settings = [("none", None, None)] + [(f"hard v>={t}", t, None) for t in hard_thresholds] + \
         [("soft", None, pruning.soft_weights(v_nb))]
     for name, threshold, weights in settings:
-        labels = nb.labels if threshold is None else np.where(v_nb >= threshold, -1, nb.labels)
+        labels = nb.labels if threshold is None else np.where(
+            pruning.hard_keep(v_nb, threshold), nb.labels, voting.EXCLUDED)
         accs = {}
         for method in voting.METHODS:
             pred = voting.predict(labels, nb.sims, method=method, num_classes=num_classes, k=k, weights=weights)
             accs[method] = float((pred == queries.labels).mean())
-        pruned = 0 if threshold is None else int((v >= threshold).sum())
+        pruned = 0 if threshold is None else int((~pruning.hard_keep(v, threshold)).sum())
         figures["accuracy"][name] = {**accs, "items_pruned": pruned}
         rows.append([name, pruned, *(f"{100 * accs[m]:.2f}" for m in voting.METHODS)])
     lines = ["## Memory pruning (section 3.5, Table 3)", "",

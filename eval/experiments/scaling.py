@@ -51,7 +51,7 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, method: str 
     lines += ["", f"Fit `log10(e) = {a:.4f} * log10(log10(M)) + {b:.4f}` over the non-zero errors; R^2 (log space) "
               f"{gof['r2_log']:.4f}, largest deviation {gof['max_abs_error_points']:.2f} points. Extrapolated error: "
               + ", ".join(f"{p:.2f}% at M = {m:.0e}" for m, p in zip(extrapolate, predicted))
-              + ". Paper (DINOv2 ViT-L/14): a = -0.9434, b = 2.0704.", ""]
+              + ". Paper (DINOv2 ViT-L/14): a = {}, b = {}.".format(*scaling.PAPER_FITS["dinov2-vit-l14"]), ""]
     return {"figures": {**figures, "a": a, "b": b, **gof,
                         "extrapolation": dict(zip(map(int, extrapolate), predicted.tolist()))},
             "report": "\n".join(lines)}
@@ -72,9 +72,37 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
     """
     if len(series) < 2:
         raise ValueError(f"comparing encoders needs two or more series, got {len(series)}")
-    labels = list(series)
-    # Every series on the same items and queries: those each encoder embedded (an encoder's
-    # quarantined rows leave all series), in the first series' order.
+    series, n_items, n_queries = _aligned(series)
+    sizes = nested_sizes(n_items, len(class_names), steps)
+    runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name)["figures"]
+            for name, (mem, q, _) in series.items()}
+    costs = {name: dict(cost or {}) for name, (_, _, cost) in series.items()}
+    full_error = {name: runs[name]["error_percent"][-1] for name in series}
+    order = sorted(series, key=lambda n: -full_error[n])  # weakest first
+    header = ["encoder", "params (M)", "images/s (encoder alone)", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
+    lines = ["## Memory-size scaling by encoder (compute against memory, section 3.3)", "",
+             f"Top-1 error (%) of {method} voting at k = {k} on the same nested random subsets of the same images, "
+             f"embedded by each encoder ({n_items} memory items and {n_queries} queries that every encoder embedded); "
+             "fit `log10(e) = a * log10(log10(M)) + b` per encoder:", ""]
+    lines += table(header, [_encoder_row(name, runs[name], costs[name]) for name in order])
+    trade, trade_lines = _trade_off(order, runs, full_error, sizes)
+    lines += trade_lines + [""]
+    figures = {"sizes": sizes, "items": n_items, "queries": n_queries, "encoders": runs, "costs": costs,
+               "trade_off": trade}
+
+    def plot(out_dir: str) -> str:
+        from eval.plots import plot_scaling
+
+        return plot_scaling(out_dir, "scaling_by_encoder.png", sizes,
+                            {n: (runs[n]["error_percent"], runs[n]["a"], runs[n]["b"]) for n in order})
+
+    lines += ["![error against memory size, per encoder](scaling_by_encoder.png)", ""]
+    return {"figures": figures, "report": "\n".join(lines), "plot": plot}
+
+
+def _aligned(series: dict) -> tuple[dict, int, int]:
+    """Every series on the same items and queries: those each encoder embedded (an encoder's
+    quarantined rows leave all series), in the first series' order."""
     mem_ids = _common_ids([m.ids for m, _, _ in series.values()])
     q_ids = _common_ids([q.ids for _, q, _ in series.values()])
     for name, (mem, q, _) in series.items():
@@ -82,27 +110,21 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
             raise ValueError(f"series {name!r} does not hold the same memory items and queries as the others "
                              f"(only {len(mem_ids)} items and {len(q_ids)} queries in common); "
                              "embed the same images with every encoder")
-    series = {name: (_select(mem, mem_ids), _select(q, q_ids), cost) for name, (mem, q, cost) in series.items()}
-    sizes = nested_sizes(len(mem_ids), len(class_names), steps)
-    runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name)["figures"]
-            for name, (mem, q, _) in series.items()}
-    costs = {name: dict(series[name][2] or {}) for name in labels}
-    full_error = {name: runs[name]["error_percent"][-1] for name in labels}
-    order = sorted(labels, key=lambda n: -full_error[n])  # weakest first
-    header = ["encoder", "params (M)", "images/s (encoder alone)", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
-    rows = []
-    for name in order:
-        f, c = runs[name], costs[name]
-        rows.append([name, f"{c['params_m']:.1f}" if "params_m" in c else "-",
-                     f"{c['images_per_s']:.0f}" if "images_per_s" in c else "-",
-                     *(f"{e:.2f}" for e in f["error_percent"]),
-                     *((f"{f['a']:.3f}", f"{f['b']:.3f}", f"{f['r2_log']:.3f}") if f["a"] is not None else ("-",) * 3)])
-    lines = ["## Memory-size scaling by encoder (compute against memory, section 3.3)", "",
-             f"Top-1 error (%) of {method} voting at k = {k} on the same nested random subsets of the same images, "
-             f"embedded by each encoder ({len(mem_ids)} memory items and {len(q_ids)} queries that every encoder embedded); "
-             "fit `log10(e) = a * log10(log10(M)) + b` per encoder:", ""]
-    lines += table(header, rows)
-    trade = []
+    aligned = {name: (_select(mem, mem_ids), _select(q, q_ids), cost) for name, (mem, q, cost) in series.items()}
+    return aligned, len(mem_ids), len(q_ids)
+
+
+def _encoder_row(name: str, f: dict, c: dict) -> list:
+    """One encoder's row: its cost, its error at every size and its fit."""
+    fit = (f"{f['a']:.3f}", f"{f['b']:.3f}", f"{f['r2_log']:.3f}") if f["a"] is not None else ("-",) * 3
+    return [name, f"{c['params_m']:.1f}" if "params_m" in c else "-",
+            f"{c['images_per_s']:.0f}" if "images_per_s" in c else "-",
+            *(f"{e:.2f}" for e in f["error_percent"]), *fit]
+
+
+def _trade_off(order: list, runs: dict, full_error: dict, sizes: list) -> tuple[list, list]:
+    """``(figures, report lines)``: the memory each weaker encoder needs to match each stronger one."""
+    trade, lines = [], []
     for i, weak in enumerate(order):
         fw = runs[weak]
         if fw["a"] is None or fw["a"] >= 0:
@@ -119,18 +141,7 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
                          f"{beyond}) to match the {full_error[strong]:.2f}% error of {strong} at M = {sizes[-1]}.")
     if not trade:
         lines.append("- No trade-off figure: no encoder has a falling fit.")
-    lines.append("")
-    figures = {"sizes": sizes, "items": len(mem_ids), "queries": len(q_ids), "encoders": runs, "costs": costs,
-               "trade_off": trade}
-
-    def plot(out_dir: str) -> str:
-        from eval.plots import plot_scaling
-
-        return plot_scaling(out_dir, "scaling_by_encoder.png", sizes,
-                            {n: (runs[n]["error_percent"], runs[n]["a"], runs[n]["b"]) for n in order})
-
-    lines += ["![error against memory size, per encoder](scaling_by_encoder.png)", ""]
-    return {"figures": figures, "report": "\n".join(lines), "plot": plot}
+    return trade, lines
 
 
 def _common_ids(id_lists) -> np.ndarray:

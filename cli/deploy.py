@@ -1,8 +1,10 @@
-"""Command-line verbs of deployment: ``vismem serve``, ``vismem submit`` and ``vismem jobs``. Thin maps."""
+"""``vismem serve``, ``submit`` and ``jobs``: serving a memory over HTTP, running verbs as Ray jobs."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from cli.common import print_json
 
 SERVE_EPILOG = """\
 examples:
@@ -37,9 +39,11 @@ Exit status: 0 succeeded, 1 failed, 3 stopped, 2 bad command (checked with visme
 before anything is sent).
 """
 
+CLUSTER_HELP = "Ray dashboard address, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)"
 
-def _serve(a):
-    from deploy.serve import Limits, serve
+
+def _run_serve(a) -> None:
+    from deploy.serving import Limits, serve
 
     limits = Limits(max_body_bytes=a.max_body_mb * 1024 * 1024, max_batch=a.max_batch, max_k=a.max_k)
     serve(a.memory, host=a.host, port=a.port, allow_remote=a.allow_remote, admin_token_file=a.admin_token_file,
@@ -47,10 +51,9 @@ def _serve(a):
           log_level=a.log_level, lease_s=a.lease_s)
 
 
-def _finish(record: dict):
+def _finish(record: dict) -> dict:
     """Print the job's record; exit non-zero when it failed or was stopped."""
     from deploy.submit import exit_code
-    from memory.cli import print_json
 
     code = exit_code(record)
     if code:
@@ -60,7 +63,7 @@ def _finish(record: dict):
     return record
 
 
-def _env_pairs(pairs):
+def _env_pairs(pairs) -> dict:
     out = {}
     for p in pairs or []:
         name, sep, value = p.partition("=")
@@ -70,17 +73,19 @@ def _env_pairs(pairs):
     return out
 
 
-def _submit(a):
+def _run_submit(a) -> dict:
+    from cli.main import build_parser  # cli.main imports this module to build its parser
     from deploy import submit
 
     wd = None if a.working_dir == "none" else a.working_dir
     runtime = submit.runtime_env(working_dir=wd, requirements=a.requirements, env_vars=_env_pairs(a.env),
                                  extra=a.runtime_env)
-    return _finish(submit.submit(a.cluster, a.command, runtime=runtime, job_id=a.job_id, follow=not a.no_wait,
-                                 any_command=a.any_command, num_cpus=a.num_cpus, num_gpus=a.num_gpus))
+    return _finish(submit.submit(a.cluster, a.command, parse=build_parser().parse_args, runtime=runtime,
+                                 job_id=a.job_id, follow=not a.no_wait, any_command=a.any_command,
+                                 num_cpus=a.num_cpus, num_gpus=a.num_gpus))
 
 
-def _jobs(a):
+def _run_jobs(a):
     from deploy import submit
 
     if a.action == "list":
@@ -100,7 +105,7 @@ def _jobs(a):
     raise ValueError(f"unknown jobs action {a.action!r}; choose list, status, logs or stop")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_serve(sub) -> None:
     s = sub.add_parser(
         "serve", help="serve a memory over HTTP (classify, neighbours, admin add/remove)",
         description="Serve MEMORY (local folder or gs:// URL) with FastAPI + uvicorn: POST /v1/classify, "
@@ -125,16 +130,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="hold a renewed reader lease on the served version so 'vismem gc' keeps it (0: none, "
                    "for read-only storage)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_run_serve)
 
-    cluster_help = "Ray dashboard address, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)"
+
+def add_submit(sub) -> None:
     j = sub.add_parser(
         "submit", help="run a vismem command as a job on a Ray cluster",
         description="Submit 'vismem VERB ARGS' (after --) to a Ray cluster through Ray's job submission API, "
         "with this project as the working directory and optional pip requirements, stream its logs and "
         "exit with its outcome.",
         epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    j.add_argument("--cluster", default=None, help=cluster_help)
+    j.add_argument("--cluster", default=None, help=CLUSTER_HELP)
     j.add_argument("--working-dir", default="auto",
                    help="folder shipped as the job's working directory (default: this checkout; 'none': nothing)")
     j.add_argument("--requirements", default=None, help="requirements.txt installed for the job (pip)")
@@ -146,8 +152,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     j.add_argument("--any-command", action="store_true", help="allow a command other than 'vismem ...'")
     j.add_argument("command", nargs=argparse.REMAINDER, help="-- vismem VERB ARGS")
-    j.set_defaults(func=_submit)
+    j.set_defaults(func=_run_submit)
 
+
+def add_jobs(sub) -> None:
     m = sub.add_parser(
         "jobs", help="list, inspect, follow or stop Ray jobs",
         description="Manage jobs on a Ray cluster: list; status JOB; logs JOB [--follow]; stop JOB.",
@@ -157,7 +165,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("action", choices=("list", "status", "logs", "stop"))
     m.add_argument("job_id", nargs="?", default=None, help="the job (submission id)")
-    m.add_argument("--cluster", default=None, help=cluster_help)
+    m.add_argument("--cluster", default=None, help=CLUSTER_HELP)
     m.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
     m.add_argument("--timeout", type=float, default=60.0, help="stop: seconds to wait for the job to end")
-    m.set_defaults(func=_jobs)
+    m.set_defaults(func=_run_jobs)

@@ -1,9 +1,7 @@
-"""Command-line verbs of the pipelines: ``vismem embed`` and ``vismem probe``. Thin maps onto functions."""
+"""``vismem embed`` and ``vismem probe``: embedding image collections, fitting a probe teacher."""
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
 
 EMBED_EPILOG = """\
 sources (local path or gs:// URL; the kind is detected, or pass --source-kind):
@@ -30,58 +28,28 @@ OUT/errors/*.parquet (quarantined inputs with reasons), OUT/summary.json.
 """
 
 
-def cmd_embed(args) -> dict:
+def _run_embed(a) -> dict:
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.sources import SourceSpec
 
-    spec = SourceSpec(args.source, kind=args.source_kind, name=args.source_name or "", split=args.split,
-                      shard_size=args.shard_size, limit=args.limit, unlabelled_fraction=args.unlabelled_fraction,
-                      image_column=args.image_column, label_column=args.label_column)
-    cfg = EmbedConfig(spec, args.out, encoder=args.encoder, image_size=args.image_size, batch_size=args.batch_size,
-                      dtype=args.dtype, teacher=args.teacher, label_map=args.label_map,
-                      min_confidence=args.min_confidence, max_pixels=args.max_pixels, ray_address=args.ray_address,
-                      num_workers=args.num_workers, threads_per_worker=args.threads_per_worker, device=args.device,
-                      progress=not args.no_progress)
+    spec = SourceSpec(a.source, kind=a.source_kind, name=a.source_name or "", split=a.split,
+                      shard_size=a.shard_size, limit=a.limit, unlabelled_fraction=a.unlabelled_fraction,
+                      image_column=a.image_column, label_column=a.label_column)
+    cfg = EmbedConfig(spec, a.out, encoder=a.encoder, image_size=a.image_size, batch_size=a.batch_size,
+                      dtype=a.dtype, teacher=a.teacher, label_map=a.label_map,
+                      min_confidence=a.min_confidence, max_pixels=a.max_pixels, ray_address=a.ray_address,
+                      num_workers=a.num_workers, threads_per_worker=a.threads_per_worker, device=a.device,
+                      progress=not a.no_progress)
     return run_embed(cfg)
 
 
-def fit_probe_from_shards(shards: str, out: str, *, l2: float = 1e-4, max_iter: int = 200) -> dict:
-    """Fit a linear probe on the human-labelled rows of an embedding run (or one shard file) and save it."""
-    from memory import schema, storage
-    from pipelines import outputs, teachers
+def _run_probe(a) -> dict:
+    from pipelines.probe import fit_probe_from_shards
 
-    if storage.exists(storage.join(shards, "embeddings")):
-        data = outputs.read_run(shards)
-        summary_path = storage.join(shards, "summary.json")
-    elif storage.exists(shards):
-        data = schema.read_embeddings(shards)
-        summary_path = None
-    else:
-        raise FileNotFoundError(f"no embedding run or shard at {shards}")
-    meta = data["metadata"]
-    if "encoder" not in meta or "image_size" not in meta:
-        raise ValueError(f"{shards}: the shards do not say which encoder and image size made them")
-    human = np.asarray(data["provenance"]["label_source"]) == "human"
-    labels = np.where(human, data["labels"], -1)
-    names = None
-    if summary_path and storage.exists(summary_path):
-        import json
-
-        names = json.loads(storage.read_bytes(summary_path))["source"].get("class_names") or None
-    probe = teachers.fit_probe(data["embeddings"], labels, encoder=meta["encoder"], image_size=int(meta["image_size"]),
-                               class_names=names, l2=l2, max_iter=max_iter)
-    teachers.save_probe(out, probe)
-    keep = labels >= 0
-    train_acc = float((probe.logits(data["embeddings"][keep]).argmax(1) == labels[keep]).mean())
-    return {"probe": out, "encoder": probe.encoder, "image_size": probe.image_size, "rows": int(keep.sum()),
-            "classes": int(probe.weight.shape[0]), "train_accuracy": round(train_acc, 4)}
+    return fit_probe_from_shards(a.shards, a.out, l2=a.l2, max_iter=a.max_iter)
 
 
-def cmd_probe(args) -> dict:
-    return fit_probe_from_shards(args.shards, args.out, l2=args.l2, max_iter=args.max_iter)
-
-
-def add_parsers(sub) -> None:
+def add_embed(sub) -> None:
     p = sub.add_parser(
         "embed", help="embed (and pseudo-label) an image collection into embedding shards, on Ray",
         description="Embed every image of SOURCE with a frozen encoder on a pool of Ray actors and write one "
@@ -99,10 +67,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--teacher", help="efficientnet-lite0|1|2 (ImageNet head; needs --label-map) or probe:PATH")
     p.add_argument("--label-map", help="JSON {teacher class: memory class}; unmapped teacher classes are excluded")
     p.add_argument("--min-confidence", type=float, default=0.0, help="drop pseudo-labels below this probability")
+    _add_embed_cluster_options(p)
+    _add_embed_source_options(p)
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (after JPEG draft)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_embed)
+
+
+def _add_embed_cluster_options(p) -> None:
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local instance)")
     p.add_argument("--num-workers", type=int, help="encoder actors (default: GPUs, else CPUs // 4, at least 1)")
     p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default: CPUs // workers)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _add_embed_source_options(p) -> None:
     p.add_argument("--limit", type=int, help="only the first N images of the source")
     p.add_argument("--shard-size", type=int, default=1000, help="images per input shard (IDX, folder, Parquet)")
     p.add_argument("--split", default="train", help="IDX split: train or test")
@@ -112,10 +91,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--source-name", help="prefix of the ids (default: the source folder's name)")
     p.add_argument("--image-column", default="image", help="Parquet: the image-bytes column")
     p.add_argument("--label-column", default="label", help="Parquet: the integer label column, if any")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (after JPEG draft)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_embed)
 
+
+def add_probe(sub) -> None:
     q = sub.add_parser(
         "probe", help="fit a linear-probe teacher on the human labels of an embedding run",
         description="Fit a softmax linear classifier on the human-labelled rows of an embedding run and save it "
@@ -127,4 +105,4 @@ def add_parsers(sub) -> None:
     q.add_argument("--out", required=True, help="where to save the probe (.npz, local or gs://)")
     q.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights")
     q.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations")
-    q.set_defaults(func=cmd_probe)
+    q.set_defaults(func=_run_probe)

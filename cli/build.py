@@ -1,9 +1,7 @@
-"""Command-line verbs that change memories: build, add, remove, compact, versions, gc. Thin maps onto functions."""
+"""``vismem build``, ``add`` and ``compact``: the verbs that run a Beam job over a memory's shards."""
 from __future__ import annotations
 
-import argparse
-
-from memory import storage
+from cli.common import class_names
 
 BEAM_HELP = (
     "Beam options go after the verb's own, e.g. --runner DirectRunner --direct_num_workers 2 "
@@ -12,30 +10,6 @@ BEAM_HELP = (
     "--sdk_container_image with vismem installed). Flink: --runner FlinkRunner --flink_master HOST:8081 "
     "--environment_type LOOPBACK. Spark: --runner SparkRunner --spark_master_url spark://HOST:7077."
 )
-
-
-class _BeamOptionsParser(argparse.ArgumentParser):
-    """A verb parser that hands every option it does not know to Beam, in ``args.beam_args``."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        ns, extra = super().parse_known_args(args, namespace)
-        ns.beam_args = list(getattr(ns, "beam_args", None) or []) + extra
-        return ns, []
-
-
-def _beam_verb(sub, name, **kwargs):
-    p = sub.add_parser(name, **kwargs)
-    p.__class__ = _BeamOptionsParser  # argparse builds verb parsers itself; this only adds the hand-off
-    return p
-
-
-def class_names_arg(value: str | None):
-    """``a,b,c`` or the path of a text file with one class name per line."""
-    if value is None:
-        return None
-    if storage.exists(value) and not value.count(","):
-        return [line.strip() for line in storage.read_bytes(value).decode().splitlines() if line.strip()]
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _scann_overrides(a) -> dict:
@@ -47,55 +21,36 @@ def _scann_overrides(a) -> dict:
         "anisotropic_quantization_threshold": a.scann_aq_threshold}.items() if v is not None}
 
 
-def _norm_tolerance(v: float):
+def _norm_tolerance(v: float) -> float | None:
     return None if v < 0 else v
 
 
-def _run_build(a):
+def _run_build(a) -> dict:
     from pipelines.build import build_memory
 
-    return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names_arg(a.class_names),
+    return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
                         partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
                         storage_dtype=a.storage_dtype, norm_tolerance=_norm_tolerance(a.norm_tolerance),
                         dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
                         pipeline_args=a.beam_args)
 
 
-def _run_add(a):
+def _run_add(a) -> dict:
     from pipelines.build import add_to_memory
 
-    return add_to_memory(a.memory, a.embeddings, class_names=class_names_arg(a.class_names), readmit=a.readmit,
+    return add_to_memory(a.memory, a.embeddings, class_names=class_names(a.class_names), readmit=a.readmit,
                          norm_tolerance=_norm_tolerance(a.norm_tolerance), pipeline_args=a.beam_args)
 
 
-def _run_remove(a):
-    from memory.mutations import read_id_file, remove_items
-
-    return remove_items(a.memory, ids=read_id_file(a.ids) if a.ids else None, label=a.label, source=a.source,
-                        reason=a.reason)
-
-
-def _run_compact(a):
+def _run_compact(a) -> dict:
     from pipelines.compact import compact_memory
 
     return compact_memory(a.memory, merge=not a.no_merge, pipeline_args=a.beam_args)
 
 
-def _run_versions(a):
-    from memory.mutations import version_history
-
-    return version_history(a.memory)
-
-
-def _run_gc(a):
-    from memory.mutations import collect_garbage
-
-    return collect_garbage(a.memory, a.keep, dry_run=a.dry_run)
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    b = _beam_verb(
-        sub, "build", help="build a new memory from embedding shards (Beam)",
+def add_build(sub) -> None:
+    b = sub.add_parser(
+        "build", beam_options=True, help="build a new memory from embedding shards (Beam)",
         description="Read embedding shards (Parquet, DESIGN.md schema), validate every row (dimension, NaN/inf, "
         "norm, duplicate ids, labels outside the class list; bad rows go to OUT/deadletter/*.parquet with a "
         "reason), assign rows to shards by id hash or k-means, build each shard's index in one worker and "
@@ -122,6 +77,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="k-means cells, grouped into the shards (default: 16 per shard); a query visits the "
                         "shards of its nearest cells, so more cells route more precisely")
     b.add_argument("--seed", type=int, default=0, help="k-means seed")
+    _add_scann_overrides(b)
+    b.set_defaults(func=_run_build)
+
+
+def _add_scann_overrides(b) -> None:
     g = b.add_argument_group("ScaNN overrides (default: chosen from each shard's size)")
     g.add_argument("--scann-brute-force", choices=("auto", "yes", "no"), default="auto",
                    help="auto: brute force below 20k items per shard")
@@ -131,10 +91,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--scann-training-sample-size", type=int, help="rows used to train the tree")
     g.add_argument("--scann-dims-per-block", type=int, help="asymmetric hashing dimensions per block (default 2)")
     g.add_argument("--scann-aq-threshold", type=float, help="anisotropic quantization threshold (default 0.2)")
-    b.set_defaults(func=_run_build)
 
-    a = _beam_verb(
-        sub, "add", help="add items (samples, new classes) to a memory as a new version (Beam)",
+
+def add_add(sub) -> None:
+    a = sub.add_parser(
+        "add", beam_options=True, help="add items (samples, new classes) to a memory as a new version (Beam)",
         description="Validate and add the rows of embedding shards to the latest version of MEMORY, in the "
         "memory's partitions, backend and parameters, and publish a new version. Ids the memory holds, or "
         "ever removed (its forget list), go to the dead letter unless --readmit. New classes: pass "
@@ -148,24 +109,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--norm-tolerance", type=float, default=0.01, help="as for build")
     a.set_defaults(func=_run_add)
 
-    r = sub.add_parser(
-        "remove", help="remove items (unlearning): durable at once, excluded from every later query",
-        description="Record removed items in a new version of MEMORY (tombstones + forget list, checksummed) "
-        "before returning. Every Memory.open from then on excludes them and still returns k neighbours; "
-        "'vismem compact' later rewrites the shards without them; 'vismem add' refuses their ids unless "
-        "--readmit.",
-        epilog="example: vismem remove /data/fmnist-memory --ids forget-me.txt --reason 'GDPR request 42'",
-    )
-    r.add_argument("memory", help="memory directory or gs:// URL")
-    which = r.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ids", help="file of ids: one per line, or Parquet with an 'id' column")
-    which.add_argument("--label", help="remove every item of this class name")
-    which.add_argument("--source", help="remove every item from this source (dataset name)")
-    r.add_argument("--reason", default=None, help="why (kept in the forget list)")
-    r.set_defaults(func=_run_remove)
 
-    c = _beam_verb(
-        sub, "compact", help="rewrite shards without removed items; merge added shards (Beam)",
+def add_compact(sub) -> None:
+    c = sub.add_parser(
+        "compact", beam_options=True, help="rewrite shards without removed items; merge added shards (Beam)",
         description="Rewrite every partition of MEMORY that holds removed items, or that 'add' spread over "
         "several shards, into one shard each, and publish a new version. " + BEAM_HELP,
         epilog="example: vismem compact /data/fmnist-memory --direct_num_workers 2",
@@ -173,21 +120,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("memory", help="memory directory or gs:// URL")
     c.add_argument("--no-merge", action="store_true", help="only drop removed items; keep added shards apart")
     c.set_defaults(func=_run_compact)
-
-    v = sub.add_parser("versions", help="list a memory's versions and what changed",
-                       description="One JSON record per published version: parent, change, items, removed "
-                       "items awaiting compaction, forgotten ids, shards, reader leases.",
-                       epilog="example: vismem versions /data/fmnist-memory")
-    v.add_argument("memory", help="memory directory or gs:// URL")
-    v.set_defaults(func=_run_versions)
-
-    gc = sub.add_parser("gc", help="delete old versions' files (never the current or a leased one)",
-                        description="Keep the newest N versions, the current one and every version a reader "
-                        "holds a lease on (Memory.open(..., lease_s=...)); delete the other manifests, then "
-                        "every shard folder and state file no kept version uses, and leftovers of builds "
-                        "that never published.",
-                        epilog="example: vismem gc /data/fmnist-memory --keep 3 --dry-run")
-    gc.add_argument("memory", help="memory directory or gs:// URL")
-    gc.add_argument("--keep", type=int, required=True, help="newest versions to keep (>= 1)")
-    gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    gc.set_defaults(func=_run_gc)

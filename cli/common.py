@@ -1,0 +1,117 @@
+"""What every verb shares: the verb parser (unknown options, Beam options), class names, JSON output."""
+from __future__ import annotations
+
+import argparse
+import collections
+import difflib
+import json
+import sys
+
+from memory import storage
+
+# A value without a comma that looks like one of these is a file the user meant, never a class name.
+_PATH_SUFFIXES = (".txt", ".json", ".csv")
+
+
+class VerbParser(argparse.ArgumentParser):
+    """An argument parser that names the closest valid option when it meets an unknown one.
+
+    A verb that runs Beam (``beam_options=True``) takes Beam's options after its own (or after
+    ``--``); each is checked against Beam's option list before any work, and the checked list is
+    handed to the verb in ``args.beam_args``.
+    """
+
+    def __init__(self, *args, beam_options: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beam_options = beam_options
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if self.beam_options:
+            ns.beam_args = self._checked_beam_args([a for a in extra if a != "--"])
+            return ns, []
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}{self._suggestion(extra)}")
+        return ns, extra
+
+    def _own_options(self) -> list[str]:
+        return [o for o in self._option_string_actions if o.startswith("--")]
+
+    def _checked_beam_args(self, extra: list[str]) -> list[str]:
+        if not extra:
+            return []
+        from pipelines.beam_runner import validate_beam_args
+
+        try:
+            return validate_beam_args(extra, own_options=self._own_options())
+        except ValueError as exc:
+            self.error(str(exc))
+
+    def _suggestion(self, extra: list[str]) -> str:
+        for arg in extra:
+            if arg.startswith("-"):
+                close = difflib.get_close_matches(arg.split("=", 1)[0], self._own_options(), n=1)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
+
+
+def class_names(value: str | None) -> list[str] | None:
+    """The one meaning of ``--class-names``: an inline list ``a,b,c``, or a file holding the names.
+
+    A file is text with one name per line, or JSON: a list, or an embed run's ``summary.json``
+    (``source.class_names``). Empty or duplicate names, a missing file, a folder or an empty file
+    raise ValueError, so no memory is ever built with classes shifted or named after a path.
+    """
+    if value is None:
+        return None
+    if "," not in value and (storage.exists(value) or "/" in value or value.endswith(_PATH_SUFFIXES)):
+        return _checked(_names_from_file(value), f"--class-names: {value}")
+    return comma_names(value, "--class-names")
+
+
+def comma_names(value: str, option: str) -> list[str]:
+    """Names given inline, ``a,b,c``: none empty, none twice."""
+    return _checked([n.strip() for n in value.split(",")], f"{option} {value!r}")
+
+
+def _names_from_file(path: str) -> list[str]:
+    if not storage.exists(path):
+        raise ValueError(f"--class-names: no such file: {path}")
+    fs, p = storage.filesystem(path)
+    if fs.isdir(p):
+        raise ValueError(f"--class-names: {path} is a folder; give a file of class names or a,b,c")
+    text = storage.read_bytes(path).decode().strip()
+    if not text:
+        raise ValueError(f"--class-names: {path} is empty")
+    if path.endswith(".json") or text[0] in "[{":
+        return _names_from_json(path, text)
+    return [line.strip() for line in text.splitlines()]
+
+
+def _names_from_json(path: str, text: str) -> list:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--class-names: {path} is not valid JSON ({exc})") from None
+    names = obj
+    if isinstance(obj, dict):
+        names = obj.get("class_names") or (obj.get("source") or {}).get("class_names")
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"--class-names: {path} holds neither a list of class names nor an embed summary with them")
+    return [str(n).strip() for n in names]
+
+
+def _checked(names: list[str], where: str) -> list[str]:
+    if "" in names:
+        raise ValueError(f"{where} has an empty name (entry {names.index('') + 1})")
+    twice = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if twice:
+        raise ValueError(f"{where} names {', '.join(map(repr, twice))} more than once")
+    return names
+
+
+def print_json(obj) -> None:
+    """A verb's result on stdout as indented JSON (values JSON cannot hold as their ``str``)."""
+    json.dump(obj, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")

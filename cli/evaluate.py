@@ -1,0 +1,187 @@
+"""``vismem eval`` and ``vismem experiment``: a memory's figures, and the paper's capability experiments."""
+from __future__ import annotations
+
+import argparse
+
+from cli.common import class_names, comma_names
+
+EXPERIMENT_EPILOG = """examples:
+  vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
+  vismem experiment scaling  lite0-train/ lite0-test/ --label lite0 --out report/ \
+      --compare lite2=lite2-train/,lite2-test/
+  vismem experiment pruning  train-emb/ test-emb/ --out report/ --k 10 --self-k 10
+  vismem experiment unlearning train-emb/ test-emb/ --out report/ --forget-fraction 0.05
+  vismem experiment new-classes train-emb/ test-emb/ --out report/ --new Sandal,Bag \\
+      --extra-memory mnist-train/ --extra-queries mnist-test/ --extra-names 0,1,2,3,4,5,6,7,8,9
+  vismem experiment granularity train-emb/ test-emb/ --out report/ --tree eval/trees/fashion_mnist.json \\
+      --held-out Sneaker
+Inputs are embedding shards (a file, a directory of shards, or a glob; local or gs://). Each command
+writes NAME.json and report-NAME.md under --out and rebuilds experiments.md from every part there."""
+
+
+def _run_eval(a) -> dict:
+    from eval.evaluate import evaluate
+    from eval.rerank import HttpVisionLanguageReranker
+
+    reranker = None
+    if a.rerank_endpoint:
+        if not a.rerank_model:
+            raise ValueError("--rerank-endpoint needs --rerank-model")
+        reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
+    return evaluate(a.memory, a.queries, a.out, k_max=a.k_max, ood_queries_path=a.ood,
+                    batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address,
+                    reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
+                    probe_shards=a.probe_shards)
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a memory against labelled query embeddings",
+        description="One retrieval pass at --k-max through the fan-out layer, then every figure from the "
+        "same neighbour lists: top-1 accuracy of every voting rule at every k (best k on the evaluation "
+        "set, and the honest figure with k and alpha/tau/xi chosen on a held-out half of the queries), "
+        "hit rate, neighbour reliability with its log fit, calibration, distances to the first 100 "
+        "neighbours (in- vs out-of-distribution with --ood) and hyper-parameter sweeps. Writes "
+        "metrics.jsonl, PNG plots and report.md under --out.",
+        epilog="example: vismem eval /data/fmnist-memory test.parquet --out eval-out --k-max 100",
+    )
+    p.add_argument("memory", help="memory directory or gs:// URL")
+    p.add_argument("queries", help="embedding shard (Parquet) of labelled query embeddings")
+    p.add_argument("--out", required=True, help="output directory for report.md, metrics.jsonl, plots")
+    p.add_argument("--k-max", type=int, default=100, help="neighbours retrieved once per query (default 100)")
+    p.add_argument("--ood", default=None, help="embedding shard of out-of-distribution queries (distances plot)")
+    p.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
+    p.add_argument("--rerank-endpoint", default=None,
+                   help="chat-completions URL of a vision-language model to re-rank neighbours (key from "
+                   "$VISMEM_RERANK_API_KEY)")
+    p.add_argument("--rerank-model", default=None, help="model name sent to the re-ranker")
+    p.add_argument("--rerank-k", type=int, default=50, help="neighbours shown to the re-ranker")
+    p.add_argument("--rerank-queries", type=int, default=200, help="queries sent to the re-ranker")
+    p.add_argument("--probe-shards", type=int, default=None,
+                   help="k-means memories: search each query only in its P nearest shards (default: all)")
+    p.add_argument("--ray-address", default=None,
+                   help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
+    p.set_defaults(func=_run_eval)
+
+
+def _scaling(a, memory, queries, names) -> dict:
+    from eval.experiments import common, scaling
+
+    result = scaling.run(memory, queries, names, k=a.k, method=a.method, label=a.label)
+    if a.compare:
+        series = {a.label: (memory, queries, None)}
+        for spec in a.compare:
+            label, sep, paths = spec.partition("=")
+            if not sep or paths.count(",") != 1:
+                raise ValueError(f"--compare takes LABEL=MEMORY,QUERIES, got {spec!r}")
+            mem_path, q_path = paths.split(",")
+            series[label] = (common.read_split(mem_path), common.read_split(q_path), None)
+        common.write_part(a.out, "scaling-encoders", scaling.compare_encoders(series, names, k=a.k, method=a.method))
+    return result
+
+
+def _pruning(a, memory, queries, names) -> dict:
+    from eval.experiments import pruning
+
+    return pruning.run(memory, queries, names, k=a.k, self_k=a.self_k,
+                       hard_thresholds=[int(t) for t in a.thresholds.split(",")])
+
+
+def _new_classes(a, memory, queries, names) -> dict:
+    from eval.experiments import common, new_classes
+
+    extra = None
+    if a.extra_memory or a.extra_queries:
+        if not (a.extra_memory and a.extra_queries and a.extra_names):
+            raise ValueError("--extra-memory, --extra-queries and --extra-names go together")
+        extra = (common.read_split(a.extra_memory), common.read_split(a.extra_queries),
+                 comma_names(a.extra_names, "--extra-names"))
+    return new_classes.run(memory, queries, names, comma_names(a.new, "--new"), k=a.k, extra=extra)
+
+
+def _granularity(a, memory, queries, names) -> dict:
+    from eval import hierarchy
+    from eval.experiments import granularity
+
+    tree = hierarchy.load_tree(a.tree, names)
+    return granularity.run(memory, queries, names, tree, a.held_out,
+                           exemplars=[int(e) for e in a.exemplars.split(",")], max_queries=a.max_queries)
+
+
+def _unlearning(a, memory, queries, names) -> dict:
+    from eval.experiments import unlearning
+
+    return unlearning.run(memory, queries, names, forget_fraction=a.forget_fraction, k=a.k,
+                          num_shards=a.num_shards)
+
+
+EXPERIMENTS = {"scaling": _scaling, "pruning": _pruning, "new-classes": _new_classes,
+               "granularity": _granularity, "unlearning": _unlearning}
+
+
+def _run_experiment(a) -> dict:
+    from eval.experiments import common
+
+    names = class_names(a.class_names)
+    memory = common.read_split(a.memory)
+    queries = common.read_split(a.queries)
+    if names is None:
+        names = [str(i) for i in range(int(max(memory.labels.max(), queries.labels.max())) + 1)]
+    result = EXPERIMENTS[a.experiment](a, memory, queries, names)
+    path = common.write_part(a.out, a.experiment, result)
+    return {"experiment": a.experiment, "report": path}
+
+
+def _common(p) -> None:
+    p.add_argument("memory", help="embedding shards of the memory items (labelled)")
+    p.add_argument("queries", help="embedding shards of labelled queries")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--class-names", default=None,
+                   help="comma list, or a JSON file (list, or the embed run summary); default 0..C-1")
+    p.add_argument("--k", type=int, default=10, help="neighbours that vote (default 10)")
+
+
+def add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="run one of the paper's capability experiments",
+                       description="Run a capability experiment of the paper on embedding shards and write its "
+                       "part of the report.", epilog=EXPERIMENT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    _add_scaling(exp)
+    pr = exp.add_parser("pruning", help="hard and soft memory pruning for every voting rule")
+    _common(pr)
+    pr.add_argument("--self-k", type=int, default=10, help="neighbours per self-query that count")
+    pr.add_argument("--thresholds", default="2,4,8,16", help="hard-pruning thresholds on v")
+    nc = exp.add_parser("new-classes", help="accuracy on old classes before and after inserting new ones")
+    _common(nc)
+    nc.add_argument("--new", required=True, help="comma list of classes held out, then inserted")
+    nc.add_argument("--extra-memory", default=None, help="memory shards of classes from another dataset")
+    nc.add_argument("--extra-queries", default=None, help="query shards of those classes")
+    nc.add_argument("--extra-names", default=None, help="their class names (comma list)")
+    _add_granularity(exp)
+    u = exp.add_parser("unlearning", help="remove a forget set; check it is never retrieved again")
+    _common(u)
+    u.add_argument("--forget-fraction", type=float, default=0.05)
+    u.add_argument("--num-shards", type=int, default=4)
+    p.set_defaults(func=_run_experiment)
+
+
+def _add_scaling(exp) -> None:
+    s = exp.add_parser("scaling", help="error against memory size, and the Appendix E fit")
+    _common(s)
+    s.add_argument("--method", default="rank")
+    s.add_argument("--label", default="encoder", help="name of this series in the report (e.g. the encoder)")
+    s.add_argument("--compare", action="append", default=[], metavar="LABEL=MEMORY,QUERIES",
+                   help="the same images embedded by another encoder (repeatable): adds the by-encoder table, "
+                        "plot and compute-memory trade-off")
+
+
+def _add_granularity(exp) -> None:
+    g = exp.add_parser("granularity", help="a newly discovered class placed in a class tree (Algorithm 1)")
+    _common(g)
+    g.add_argument("--tree", required=True, help="class tree JSON (see eval/trees/fashion_mnist.json)")
+    g.add_argument("--held-out", required=True, help="the newly discovered class")
+    g.add_argument("--exemplars", default="0,1,2,5,10,20,50")
+    g.add_argument("--max-queries", type=int, default=100)

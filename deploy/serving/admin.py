@@ -1,0 +1,130 @@
+"""The admin endpoints (``/v1/admin/*``, bearer token): add items and remove them, each a new version."""
+from __future__ import annotations
+
+import hmac
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from fastapi import APIRouter, Depends, Header, HTTPException
+
+from deploy.serving.dependencies import ServingDep
+from deploy.serving.errors import error
+from deploy.serving.models import AddRequest, RemoveRequest
+
+TOKEN_ENV = "VISMEM_ADMIN_TOKEN"
+MIN_TOKEN_CHARS = 16
+# The server's own adds are small: one in-process worker starts in a second, a process pool does not.
+DEFAULT_ADD_BEAM_ARGS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
+
+
+def read_admin_token(token_file: str | None = None, env: dict | None = None) -> str | None:
+    """The admin bearer token: from ``token_file`` if given, else ``$VISMEM_ADMIN_TOKEN``, else None.
+
+    Raises:
+        ValueError: an empty or short token (fewer than 16 characters), or an unreadable file.
+    """
+    env = os.environ if env is None else env
+    if token_file:
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the admin token file {token_file}: {exc}") from exc
+        origin = token_file
+    elif env.get(TOKEN_ENV):
+        token, origin = env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    else:
+        return None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"the admin token in {origin} is {len(token)} characters; use at least "
+                         f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def require_admin(ctx: ServingDep, authorization: str | None = Header(None, description="Bearer ADMIN_TOKEN")):
+    """403 when the server has no admin token, 401 unless the request bears it."""
+    if ctx.admin_token is None:
+        raise error(403, f"admin endpoints are disabled: start the server with ${TOKEN_ENV} or "
+                         "--admin-token-file to enable them")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise HTTPException(401, "admin endpoints need 'Authorization: Bearer TOKEN'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), ctx.admin_token.encode()):
+        raise HTTPException(401, "invalid admin token", headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin)])
+
+
+@router.post("/items", summary="add items as a new version (bearer token)")
+def add_items(body: AddRequest, ctx: ServingDep):
+    if len(body.items) > ctx.limits.max_add_items:
+        raise error(413, f"{len(body.items)} items exceed the limit of {ctx.limits.max_add_items} per request")
+    with ctx.admin_lock:
+        with ctx.served.use() as mem:
+            dim, names = mem.dim, list(mem.class_names)
+        names = list(body.class_names) if body.class_names else names
+        bad = next((i for i, it in enumerate(body.items) if len(it.embedding) != dim), None)
+        if bad is not None:
+            raise error(422, f"items[{bad}].embedding has {len(body.items[bad].embedding)} values; "
+                             f"this memory's dimension is {dim}")
+        unknown = sorted({it.label for it in body.items} - set(names))
+        if unknown:
+            raise error(422, f"unknown class(es) {unknown[:5]}; known: {names[:20]}; pass class_names "
+                             "(the memory's classes followed by the new ones) to add classes")
+        result = _run_add(ctx.memory_path, body, names, ctx.add_beam_args)
+        ctx.served.refresh()
+        return result
+
+
+@router.post("/remove", summary="remove items (unlearning) as a new version (bearer token)")
+def remove(body: RemoveRequest, ctx: ServingDep):
+    from memory.mutations import remove_items
+
+    given = [x for x in (body.ids, body.label, body.source) if x is not None]
+    if len(given) != 1:
+        raise error(422, "give exactly one of 'ids', 'label' or 'source'")
+    if body.ids is not None and not body.ids:
+        raise error(422, "'ids' is empty: nothing to remove")
+    if body.ids is not None and len(body.ids) > ctx.limits.max_remove_ids:
+        raise error(413, f"{len(body.ids)} ids exceed the limit of {ctx.limits.max_remove_ids} per request")
+    with ctx.admin_lock:
+        try:
+            result = remove_items(ctx.memory_path, ids=body.ids, label=body.label, source=body.source,
+                                  reason=body.reason)
+        except ValueError as exc:
+            raise error(422, str(exc)) from exc
+        ctx.served.refresh()
+        return result
+
+
+def _run_add(memory_path: str, body: AddRequest, names: list, beam_args) -> dict:
+    """Stage the items as an embedding shard and run the build pipeline's ``add`` on it."""
+    from memory import schema
+    from pipelines.build import BuildFailed, add_to_memory
+
+    ids = [it.id for it in body.items]
+    emb = np.asarray([it.embedding for it in body.items], dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    if not np.isfinite(emb).all() or (norms == 0).any():
+        raise error(422, "item embeddings must be finite and non-zero")
+    emb = emb / norms
+    labels = [names.index(it.label) for it in body.items]
+    n = len(ids)
+    prov = {"label_source": np.full(n, "human", dtype=object), "confidence": np.ones(n, np.float32),
+            "source": np.asarray([it.source for it in body.items], dtype=object),
+            "uri": np.asarray([it.uri for it in body.items], dtype=object)}
+    staging = tempfile.mkdtemp(prefix="vismem-serve-add-")
+    try:
+        path = os.path.join(staging, "items.parquet")
+        schema.write_embeddings(path, schema.embedding_table(ids, emb, labels, provenance=prov))
+        try:
+            return add_to_memory(memory_path, path, class_names=names, readmit=body.readmit,
+                                 pipeline_args=list(beam_args))
+        except (BuildFailed, ValueError) as exc:
+            raise error(422, str(exc)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""The application endpoints: ``/v1/classify``, ``/v1/neighbors``, ``/v1/health`` and ``/v1/info``."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from fastapi import APIRouter
+
+from deploy.serving.dependencies import Serving, ServingDep
+from deploy.serving.errors import error
+from deploy.serving.models import ClassifyQuery, ClassifyResponse, NeighboursResponse, Query
+from memory.memory import Memory
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/health", summary="liveness and the version served")
+def health(ctx: ServingDep):
+    served = ctx.served
+    return {"status": "ok", "version": served.version, "last_check_error": served.last_check_error}
+
+
+@router.get("/info", summary="the served memory: version, counts, classes, limits")
+def info(ctx: ServingDep):
+    served = ctx.served
+    with served.use() as mem:
+        m = mem.manifest
+        return {"memory": ctx.memory_path, "version": mem.version, "pinned": served.pinned,
+                "items": len(mem), "removed_pending_compaction": int(m.get("removed_count", 0)),
+                "dim": mem.dim, "classes": mem.class_names, "backend": m["backend"],
+                "shards": len(m["shards"]), "encoder": m.get("encoder") or {},
+                "serving_encoder": ctx.encoder.name if ctx.encoder else None,
+                "admin_enabled": ctx.admin_token is not None,
+                "limits": dataclasses.asdict(ctx.limits), "version_swaps": served.swaps}
+
+
+@router.post("/neighbors", response_model=NeighboursResponse, summary="the k nearest items of each query")
+def neighbors(body: Query, ctx: ServingDep):
+    with ctx.served.use() as mem:
+        q = query_matrix(body, ctx, mem)
+        nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards)
+        names = mem.class_names
+        return {"version": mem.version, "neighbours": [neighbour_rows(nb, names, i) for i in range(len(q))]}
+
+
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
+             summary="classify each query by its neighbours' votes")
+def classify(body: ClassifyQuery, ctx: ServingDep):
+    with ctx.served.use() as mem:
+        q = query_matrix(body, ctx, mem)
+        res = _search(mem.classify, q, body.k, body.method, use_weights=body.use_weights,
+                      alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards)
+        names = mem.class_names
+        results = []
+        for i, p in enumerate(res.predictions):
+            results.append({
+                "label": names[p] if p >= 0 else None, "label_index": int(p),
+                "scores": {names[c]: float(res.scores[i, c]) for c in range(len(names))},
+                "neighbours": neighbour_rows(res.neighbours, names, i) if body.neighbours else None,
+            })
+        return {"version": mem.version, "method": body.method, "k": body.k, "results": results}
+
+
+def query_matrix(body: Query, ctx: Serving, mem: Memory) -> np.ndarray:
+    """The request's queries as a float32 matrix, or a 4xx naming what is wrong with them."""
+    if (body.embeddings is None) == (body.images is None):
+        raise error(422, "give exactly one of 'embeddings' or 'images'")
+    n = len(body.embeddings if body.embeddings is not None else body.images)
+    if n == 0:
+        raise error(422, "no queries: the batch is empty")
+    if n > ctx.limits.max_batch:
+        raise error(413, f"batch of {n} queries exceeds the limit of {ctx.limits.max_batch} per request")
+    if not 1 <= body.k <= ctx.limits.max_k:
+        raise error(422, f"k must be between 1 and {ctx.limits.max_k}, got {body.k}")
+    if body.images is not None:
+        return _embed_images(body.images, ctx, mem)
+    bad = next((i for i, row in enumerate(body.embeddings) if len(row) != mem.dim), None)
+    if bad is not None:
+        raise error(422, f"embeddings[{bad}] has {len(body.embeddings[bad])} values; this memory's "
+                         f"dimension is {mem.dim}")
+    with np.errstate(over="ignore"):
+        q = np.asarray(body.embeddings, dtype=np.float32)
+    if not np.isfinite(q).all():  # finite in JSON, but beyond float32's range
+        row = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
+        raise error(422, f"embeddings[{row}] overflows float32")
+    zero = np.flatnonzero(~q.any(axis=1))
+    if len(zero):
+        raise error(422, f"embeddings[{int(zero[0])}] is the zero vector: it has no direction to compare")
+    return q
+
+
+def _embed_images(images: list[str], ctx: Serving, mem: Memory) -> np.ndarray:
+    if ctx.encoder is None:
+        raise error(422, "this server takes embeddings only: start it with --encoder NAME to send images")
+    q = ctx.encoder.embed(images)
+    if q.shape[1] != mem.dim:
+        raise error(422, f"encoder {ctx.encoder.name} gives {q.shape[1]}-d embeddings; the memory is {mem.dim}-d")
+    return q
+
+
+def neighbour_rows(nb, names, i) -> list[dict]:
+    """Query ``i``'s neighbours as response rows; empty slots (no item to fill them) are left out."""
+    return [{"id": str(nb.ids[i, j]), "label": int(nb.labels[i, j]),
+             "label_name": names[nb.labels[i, j]] if 0 <= nb.labels[i, j] < len(names) else None,
+             "sim": float(nb.sims[i, j])}
+            for j in range(nb.ids.shape[1]) if nb.ids[i, j] != ""]
+
+
+def _search(fn, *args, **kwargs):
+    """Run a memory call; its ValueErrors (bad queries) become 422 answers."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        raise error(422, str(exc)) from exc

@@ -1,0 +1,40 @@
+"""The plain configuration of one build or add: what the driver decides and every worker reads."""
+from __future__ import annotations
+
+import dataclasses
+
+from memory import manifest as mf
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything a worker needs: plain values and paths (it travels pickled to every worker)."""
+
+    out: str
+    version: int
+    token: str
+    parent_version: int | None
+    files: tuple
+    total_rows: int
+    dim: int
+    class_names: tuple
+    num_shards: int
+    partition: str = "hash"
+    centroids: tuple | None = None  # an add reuses the memory's k-means cells and their shards
+    cell_partitions: tuple | None = None
+    backend: str = "scann"
+    backend_params: dict = dataclasses.field(default_factory=dict)
+    storage_dtype: str = "float32"
+    norm_tolerance: float | None = 0.01
+    readmit: bool = False
+    batch_rows: int = 65536
+    kmeans_sample: int = 100_000
+    kmeans_cells: int | None = None
+    seed: int = 0
+    encoder: dict = dataclasses.field(default_factory=dict)
+    existing: tuple = ()  # add: ((shard path, removed ids), ...) of the memory's shards
+
+    def shard_name(self, partition: int) -> str:
+        """A build's shards have the names ``write_memory`` gives; an add's say which version added them."""
+        name = mf.shard_name(partition, self.num_shards)
+        return name if self.parent_version is None else f"{name}-add-v{self.version:08d}"
