@@ -26,7 +26,9 @@ $(FMNIST):
 demo: install data
 	$(BIN)/vismem demo --out demo-out
 
+# The layer contracts first (seconds): an upward import fails here with the import named.
 test: install data
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
 bench: install

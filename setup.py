@@ -42,7 +42,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8"],
+        # import-linter: the layer contracts in .importlinter, checked by `make test`.
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "import-linter>=2.1"],
         # Baselines the search benchmark compares against.
         "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8"],
     },

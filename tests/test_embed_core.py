@@ -13,7 +13,7 @@ from pipelines import images, sources, teachers
 from pipelines.embed_summary import summarise
 from pipelines.embed_worker import ShardProcessor, decode_shard
 from pipelines.sources import SourceSpec, open_source
-from pipelines.sources.idx import write_idx
+from memory.idx import write_idx
 
 
 def _png(arr, mode=None, **save):

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from deploy.serving.errors import error
+from memory.encoder_spec import EncoderSpec
 
 
 class EncoderBox:
@@ -21,6 +22,12 @@ class EncoderBox:
         self.image_size = image_size
         self._model = None
         self._lock = threading.Lock()
+
+    @property
+    def spec(self) -> EncoderSpec:
+        """The encoder's description: the loaded model's own; before the first image, its name and size."""
+        model = self._model
+        return model.spec if model is not None else EncoderSpec(self.name, image_size=self.size)
 
     def embed(self, images: list[str]) -> np.ndarray:
         """One embedding row per image; undecodable input is a 422 naming the image."""

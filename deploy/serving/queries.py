@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from deploy.serving.dependencies import Serving, ServingDep
 from deploy.serving.errors import error
 from deploy.serving.models import ClassifyQuery, ClassifyResponse, NeighboursResponse, Query
+from memory.encoder_spec import EncoderSpec
 from memory.memory import Memory
 
 router = APIRouter(prefix="/v1")
@@ -25,11 +26,12 @@ def info(ctx: ServingDep):
     served = ctx.served
     with served.use() as mem:
         m = mem.manifest
+        spec = EncoderSpec.from_manifest(m.encoder)
         return {"memory": ctx.memory_path, "version": mem.version, "pinned": served.pinned,
-                "items": len(mem), "removed_pending_compaction": int(m.get("removed_count", 0)),
-                "dim": mem.dim, "classes": mem.class_names, "backend": m["backend"],
-                "shards": len(m["shards"]), "encoder": m.get("encoder") or {},
-                "serving_encoder": ctx.encoder.name if ctx.encoder else None,
+                "items": len(mem), "removed_pending_compaction": m.removed_count or 0,
+                "dim": mem.dim, "classes": mem.class_names, "backend": m.backend,
+                "shards": len(m.shards), "encoder": spec.to_manifest() if spec else {},
+                "serving_encoder": ctx.encoder.spec.to_manifest() if ctx.encoder else None,
                 "admin_enabled": ctx.admin_token is not None,
                 "limits": dataclasses.asdict(ctx.limits), "version_swaps": served.swaps}
 
@@ -94,7 +96,8 @@ def _embed_images(images: list[str], ctx: Serving, mem: Memory) -> np.ndarray:
         raise error(422, "this server takes embeddings only: start it with --encoder NAME to send images")
     q = ctx.encoder.embed(images)
     if q.shape[1] != mem.dim:
-        raise error(422, f"encoder {ctx.encoder.name} gives {q.shape[1]}-d embeddings; the memory is {mem.dim}-d")
+        raise error(422, f"encoder {ctx.encoder.spec.describe()} gives {q.shape[1]}-d embeddings; "
+                         f"the memory is {mem.dim}-d")
     return q
 
 

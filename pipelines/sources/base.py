@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import posixpath
 import zlib
 
 from memory import storage
@@ -107,14 +106,4 @@ def is_dir(uri: str) -> bool:
 
 def list_files(uri: str) -> list[str]:
     """Every file under ``uri`` (recursively), as full paths/URLs, sorted; hidden names left out."""
-    fs, p = storage.filesystem(uri)
-    if not fs.isdir(p):
-        return [uri]
-    fs.invalidate_cache(p)
-    out = []
-    for f in fs.find(p):
-        rel = posixpath.relpath(f, p)
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        out.append(storage.join(uri, rel))
-    return sorted(out)
+    return storage.find_files(uri)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import posixpath
 
-from memory import storage
+from memory import storage, uris
 from pipelines.sources.base import InputShard, Source, list_files
 
 
@@ -29,7 +29,7 @@ class FolderSource(Source):
         fs, root = storage.filesystem(self.spec.uri)
         for rel in shard.items:
             label = classes[rel.split("/")[0]] if "/" in rel else -1
-            uri = storage.join(self.spec.uri, rel)
+            uri = uris.folder_uri(self.spec.uri, rel)
             try:
                 with fs.open(f"{root}/{rel}", "rb") as f:
                     payload = f.read()

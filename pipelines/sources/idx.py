@@ -1,13 +1,13 @@
-"""IDX sources (the MNIST family) and the IDX array codec: read, parse, write, Fashion-MNIST's splits."""
+"""IDX sources (the MNIST family, read with the ``memory.idx`` codec) and Fashion-MNIST's splits."""
 from __future__ import annotations
 
 import functools
-import gzip
 import posixpath
 
 import numpy as np
 
-from memory import storage
+from memory import storage, uris
+from memory.idx import read_idx
 from pipelines.sources.base import InputShard, Source, shard_bounds
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -16,32 +16,6 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 IDX_PREFIXES = {"train": "train", "test": "t10k"}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (optionally gzipped, local or ``gs://``): the MNIST family's array format."""
-    return parse_idx(storage.read_bytes(path), path)
-
-
-def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
-    if path.endswith(".gz"):
-        data = gzip.decompress(data)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, body has {body.size} bytes")
-    return body.reshape(shape)
-
-
-def write_idx(path: str, array: np.ndarray) -> None:
-    """Write a uint8 array as a gzipped IDX file (``.gz``) or a plain one: used to cut real subsets."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    storage.write_bytes_atomic(path, gzip.compress(data, 1) if path.endswith(".gz") else data)
 
 
 def fashion_mnist(split: str = "train", root: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
@@ -101,4 +75,4 @@ class IdxSource(Source):
         (a, b), = shard.items
         for i in range(a, b):
             rid = f"{self.spec.name}/{self.spec.split}/{i:05d}"
-            yield self._record(rid, f"{images_path}#{i}", -1 if labels is None else int(labels[i]), images[i])
+            yield self._record(rid, uris.idx_uri(images_path, i), -1 if labels is None else int(labels[i]), images[i])

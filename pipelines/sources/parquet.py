@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import posixpath
 
-from memory import storage
+from memory import storage, uris
 from pipelines.sources.base import InputShard, Source, list_files, shard_bounds
 
 
@@ -51,7 +51,7 @@ class ParquetSource(Source):
             rid = f"{self.spec.name}/{ids[j]}" if ids else f"{self.spec.name}/{base}/{row}"
             if isinstance(img, dict):
                 img = img.get("bytes")
-            yield self._record(rid, f"{f}#{row}", -1 if label is None else int(label), img if img is not None
+            yield self._record(rid, uris.parquet_uri(f, row), -1 if label is None else int(label), img if img is not None
                                else b"")
 
 

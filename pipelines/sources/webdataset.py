@@ -5,11 +5,8 @@ import json
 import posixpath
 import tarfile
 
-from memory import storage
+from memory import storage, uris
 from pipelines.sources.base import InputShard, Record, Source, list_files
-
-# WebDataset members that hold the image, in order of preference.
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "img")
 
 
 class WebDatasetSource(Source):
@@ -34,10 +31,10 @@ class WebDatasetSource(Source):
             # A broken tar: the samples read before the break are kept, the rest is one quarantined record.
             yield Record(f"{self.spec.name}/{tar_name}", tar_uri, -1, -1, OSError(f"unreadable tar: {error}"))
         for key, members in samples.items():
-            image = next((members[e] for e in WDS_IMAGE_EXTS if e in members), None)
+            image = next((members[e] for e in uris.WDS_IMAGE_EXTS if e in members), None)
             if image is None:
                 image = ValueError(f"no image member in sample (members: {', '.join(sorted(members))})")
-            yield self._record(f"{self.spec.name}/{tar_name}/{key}", f"{tar_uri}#{key}", _label(members), image)
+            yield self._record(f"{self.spec.name}/{tar_name}/{key}", uris.tar_uri(tar_uri, key), _label(members), image)
 
 
 def _samples(tar_uri: str) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
@@ -49,11 +46,9 @@ def _samples(tar_uri: str) -> tuple[dict[str, dict[str, bytes]], Exception | Non
             for member in tar:
                 if not member.isfile():
                     continue
-                d, base = posixpath.split(member.name)
-                if base.startswith("."):
-                    continue
-                key, _, ext = base.partition(".")
-                samples.setdefault(posixpath.join(d, key), {})[ext.lower()] = tar.extractfile(member).read()
+                named = uris.wds_member(member.name)
+                if named:
+                    samples.setdefault(named[0], {})[named[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         return samples, exc
     return samples, None
