@@ -1,11 +1,12 @@
 """Build benchmark: the Beam build against the memory core's writer called directly, remove, compact.
-(k-means routing has its own benchmark: ``benchmarks/routing.py``.)
+
+k-means routing has its own benchmark: ``benchmarks/routing.py``.
 
 Run: ``.venv/bin/python benchmarks/build.py`` (``--help`` for sizes). Default: the search benchmark's
 1M x 128 clustered unit vectors (seeded) in 16 embedding shards, 8 memory shards, ScaNN, the
-DirectRunner with 2 worker processes. Everything runs in this one process
-and machine, side by side, so the ratios are meaningful on a noisy machine. Expect 20-40 minutes on
-2 cores (index builds dominate). Writes ``bench-out/build.json`` and prints a Markdown table.
+DirectRunner with 2 worker processes. Everything runs in this one process and machine, side by side,
+so the ratios are meaningful on a noisy machine. Expect 20-40 minutes on 2 cores (index builds
+dominate). Writes ``bench-out/build.json`` and prints a Markdown table.
 
 Target (issue 4): Beam build wall time at most 1.5x the direct writer.
 """

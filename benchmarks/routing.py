@@ -1,5 +1,6 @@
-"""Routing benchmark: a k-means partitioned memory searched with ``probe_shards=P`` against one
-unsharded ScaNN searcher, each at its best settings for a recall target.
+"""Routing benchmark: a k-means memory searched with ``probe_shards=P`` against one unsharded ScaNN searcher.
+
+Each searcher is measured at its best settings for a recall target.
 
 Run: ``.venv/bin/python benchmarks/routing.py`` (``--help`` for sizes). Default: the search
 benchmark's 1M x 128 clustered unit vectors (seeded), 10k queries, k=10, 8 shards built by the Beam
@@ -115,7 +116,7 @@ def bench_unsharded(path, ids, sweeps):
     """The one-shard memory's ScaNN searcher called raw, then through the memory."""
     with Memory.open(path) as mem:
         raw = mem.shards[0].index.searcher.searcher  # the pybind searcher behind the one-shard memory
-        n_leaves = mem.shards[0].entry["params"]["num_leaves"]
+        n_leaves = mem.shards[0].entry.params["num_leaves"]
 
         def raw_search(qq, s):
             pos, _ = raw.search_batched(qq, 10, s["reorder"], s["leaves"], True, 256)
@@ -142,8 +143,8 @@ def routing_ceiling(x, q, truth_rows, centroids, cell_partitions, probes, label)
 def bench_routed(args, path, cells, x, q, truth_rows, sweeps, ceiling):
     """A k-means memory: its routing ceiling, then a sweep per ``probe_shards`` value."""
     with Memory.open(path) as mem:
-        part = mem.manifest["partitioning"]
-        cent, cellp = np.asarray(part["centroids"], np.float32), part.get("cell_partitions")
+        part = mem.manifest.partitioning
+        cent, cellp = np.asarray(part.centroids, np.float32), part.cell_partitions
         ceiling.update(routing_ceiling(x, q, truth_rows, cent, cellp, args.probes, f"cells {cells}"))
         for p in args.probes:
             sweeps.run(f"k-means {args.shards} shards / {cells} cells, P={p}",

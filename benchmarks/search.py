@@ -181,7 +181,7 @@ def bench_memory_scann(tmp, x, labels, ids, q, truth10, leaves, rows):
         write_memory(path, x, labels, ids, num_shards=shards, backend="scann", class_names=CLASS_NAMES)
         print(f"scann memory build, {shards} shards: {time.perf_counter() - t:.1f}s", flush=True)
         with Memory.open(path, verify=False) as mem:
-            shard_leaves = mem.manifest["shards"][0]["params"]["num_leaves"]
+            shard_leaves = mem.manifest.shards[0].params["num_leaves"]
             for ls, ro in SCANN_SWEEP:
                 # Same share of each shard's leaves as the unsharded index searches.
                 lss = max(1, round(ls * shard_leaves / leaves))

@@ -10,7 +10,6 @@ and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -88,14 +87,13 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
 def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 100,
              ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
              version: int | None = None, ray_address: str | None = None, reranker=None,
-             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
-             resolve=None) -> dict:
+             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None) -> dict:
     """Evaluate a memory against labelled query embeddings; write the report under ``out_dir``.
 
     With a ``reranker`` (``eval.rerank.Reranker``), the first ``rerank_queries`` queries and their
-    ``rerank_k`` neighbours (images resolved from the items' uris by ``resolve``, default
-    :func:`memory.uris.resolve`) are also sent to it, and its accuracy is reported beside the
-    voting rules, with rank voting as the fallback for answers that are not a class name.
+    ``rerank_k`` neighbours (images resolved from the items' uris by :func:`memory.uris.resolve`)
+    are also sent to it, and its accuracy is reported beside the voting rules, with rank voting as
+    the fallback for answers that are not a class name.
 
     With ``ray_address`` (a cluster address, or ``local`` for a local instance) the memory's shards
     are hosted by Ray actors across the cluster and every query batch fans out to them.
@@ -110,8 +108,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
         reranked = None
         if reranker is not None:
             n = rerank_queries
-            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max),
-                               resolve)
+            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max))
     scores = score(got, truth, k_max)
     best, honest = choose(got, scores.acc, truth, seed)
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
@@ -241,11 +238,11 @@ def _write_metrics(out_dir: str, records: list) -> None:
             f.write(json.dumps(r, default=float) + "\n")
 
 
-def _rerank(mem, memory_path, reranker, q, truth, uris, k, resolve=None) -> dict:
+def _rerank(mem, memory_path, reranker, q, truth, uris, k) -> dict:
     """Send each query and its k labelled neighbours to the re-ranker; score it beside rank voting."""
     from eval.rerank import Neighbour, rerank_accuracy
 
-    image = functools.partial(images.image_bytes, resolve=resolve)
+    image = images.image_bytes  # resolves every source kind's uri (memory.uris)
     res = mem.classify(q, k, "rank")
     where = images.item_uris(memory_path, mem.version)
     names = mem.class_names

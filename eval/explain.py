@@ -8,7 +8,6 @@ self-contained file; a small script marks the page once every image has loaded.
 from __future__ import annotations
 
 import base64
-import functools
 import html
 
 import numpy as np
@@ -47,11 +46,10 @@ window.addEventListener('load', function () {
 
 def explain_page(memory_path: str, queries: dict, out_html: str, *, rows=None, k: int = 10,
                  method: str = "rank", alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
-                 residual_k: int = 5, misclassified: int = 0, resolve=None) -> dict:
+                 residual_k: int = 5, misclassified: int = 0) -> dict:
     """Write the page for ``rows`` of ``queries`` (and/or the first ``misclassified`` mistakes).
 
     ``queries`` is :func:`memory.schema.read_embeddings` output (ids, embeddings, labels, provenance).
-    ``resolve(uri)`` gives an item's image as bytes or pixels (default :func:`memory.uris.resolve`).
     Returns ``{"queries": n, "images": n_images, "path": out_html}``.
     """
     vote = {"method": method, "alpha": alpha, "tau": tau, "xi": xi}
@@ -60,14 +58,13 @@ def explain_page(memory_path: str, queries: dict, out_html: str, *, rows=None, k
         rows = _choose_rows(mem, queries, list(rows or []), k, misclassified, vote)
         res, weights, res_nb, where = _explain(mem, memory_path, queries["embeddings"][rows], k, residual_k, vote)
     uris = {item: loc[2] for item, loc in where.items()}
-    image = functools.partial(images.image_bytes, resolve=resolve)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vismem: why these labels</title>"
              f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
              f"<h1>Why these labels</h1><p>Memory <code>{html.escape(memory_path)}</code>, {method} voting, "
              f"k = {k}. <span id='rendered' data-rendered=''>loading…</span></p>"]
     count = 0
     for j, r in enumerate(rows):
-        html_j, n = _query_html(j, r, queries, names, res, weights, res_nb, uris, image)
+        html_j, n = _query_html(j, r, queries, names, res, weights, res_nb, uris)
         parts.append(html_j)
         count += n
     parts.append("</body></html>")
@@ -100,12 +97,12 @@ def _explain(mem, memory_path: str, emb, k: int, residual_k: int, vote: dict):
     return res, weights, mem.search(np.where(ok[:, None], residual, sel), residual_k), where
 
 
-def _query_html(j: int, r: int, queries, names, res, weights, res_nb, uris: dict, image) -> tuple[str, int]:
+def _query_html(j: int, r: int, queries, names, res, weights, res_nb, uris: dict) -> tuple[str, int]:
     """``(html, images shown)`` of one query: its image, decision, neighbours and residual neighbours."""
     nb = res.neighbours
     truth, pred = int(queries["labels"][r]), int(res.predictions[j])
     qid = str(queries["ids"][r])
-    qimg = image(str(queries["provenance"]["uri"][r]))
+    qimg = images.image_bytes(str(queries["provenance"]["uri"][r]))
     count = qimg is not None
     parts = [f"<div class='q'><div class='row'><div class='nb' style='width:120px'>{_img(qimg, qid, 112)}"
              f"<br><b>query</b><br>{html.escape(qid)}</div><div>"
@@ -116,13 +113,13 @@ def _query_html(j: int, r: int, queries, names, res, weights, res_nb, uris: dict
     parts += [f"<tr><td>{html.escape(names[c])}</td><td>{res.scores[j, c]:.4f}</td></tr>"
               for c in np.argsort(-res.scores[j])[:3]]
     parts.append("</table></div></div><p>nearest neighbours (label, similarity, vote weight):</p><div class='row'>")
-    for i, data in _neighbour_images(nb, j, uris, image):
+    for i, data in _neighbour_images(nb, j, uris):
         count += data is not None
         cls = "right" if nb.labels[j, i] == truth else "wrong"
         parts.append(f"<div class='nb'>{_img(data, nb.ids[j, i])}<br><span class='{cls}'>"
                      f"{html.escape(names[nb.labels[j, i]])}</span><br>s={nb.sims[j, i]:.3f} w={weights[j, i]:.3f}</div>")
     parts.append("</div><p>neighbours of the residual (query − nearest neighbour):</p><div class='row'>")
-    for i, data in _neighbour_images(res_nb, j, uris, image):
+    for i, data in _neighbour_images(res_nb, j, uris):
         count += data is not None
         parts.append(f"<div class='nb'>{_img(data, res_nb.ids[j, i])}<br>"
                      f"{html.escape(names[res_nb.labels[j, i]])}<br>s={res_nb.sims[j, i]:.3f}</div>")
@@ -130,8 +127,8 @@ def _query_html(j: int, r: int, queries, names, res, weights, res_nb, uris: dict
     return "\n".join(parts), int(count)
 
 
-def _neighbour_images(nb, j, uris: dict, image):
+def _neighbour_images(nb, j, uris: dict):
     """``(column, image bytes or None)`` of query ``j``'s valid neighbours (excluded ones skipped)."""
     for i in range(nb.ids.shape[1]):
         if nb.labels[j, i] >= 0:
-            yield i, image(uris.get(nb.ids[j, i], ""))
+            yield i, images.image_bytes(uris.get(nb.ids[j, i], ""))

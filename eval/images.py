@@ -13,7 +13,7 @@ from memory.items import read_items
 def item_locations(memory_path: str, version: int | None = None) -> dict:
     """``{item id: (shard entry, row, uri)}`` over every shard of a memory version."""
     out = {}
-    for entry in mf.read_manifest(memory_path, version)["shards"]:
+    for entry in mf.read_manifest(memory_path, version).shards:
         t = read_items(memory_path, entry, columns=["id", "uri"])
         for row, (item, uri) in enumerate(zip(t.column("id").to_pylist(), t.column("uri").to_pylist())):
             out[item] = (entry, row, uri)
@@ -25,16 +25,16 @@ def item_uris(memory_path: str, version: int | None = None) -> dict:
     return {item: loc[2] for item, loc in item_locations(memory_path, version).items()}
 
 
-def image_bytes(uri: str, resolve=None) -> bytes | None:
+def image_bytes(uri: str) -> bytes | None:
     """PNG/JPEG bytes of the image an item's ``uri`` names; None when there is none or it cannot be read.
 
-    ``resolve(uri)`` returns encoded image bytes or a pixel array (default
-    :func:`memory.uris.resolve`, which knows every source kind); pixel arrays are encoded as PNG.
+    :func:`memory.uris.resolve` (which knows every source kind) gives encoded bytes, returned as
+    they are, or an IDX row's pixels, encoded as PNG.
     """
     if not uri:
         return None
     try:
-        image = (resolve or uris.resolve)(uri)
+        image = uris.resolve(uri)
     except (OSError, ValueError):  # a missing file or row: the page shows "no image", the model gets none
         return None
     return png(image) if isinstance(image, np.ndarray) else image

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memory import schema, storage
+from memory.manifest import ShardEntry
 
 ITEMS_FILE = "items.parquet"
 # The dead-letter reasons of the Beam build: switching a door to this policy changes no output.
@@ -161,6 +162,6 @@ def read_items_at(shard_dir: str, columns=None) -> pa.Table:
         return pq.read_table(f, columns=None if columns is None else list(columns))
 
 
-def read_items(root: str, entry: dict, columns=None) -> pa.Table:
-    """The items table of the shard ``entry`` (a manifest entry) of the memory at ``root``, read in place."""
-    return read_items_at(storage.join(root, entry["path"]), columns)
+def read_items(root: str, entry: ShardEntry, columns=None) -> pa.Table:
+    """The items table of the shard ``entry`` of the memory at ``root``, read in place."""
+    return read_items_at(storage.join(root, entry.path), columns)

@@ -48,6 +48,15 @@ def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}"
 
 
+def shard_dir(version: int, name: str, *, token: str | None = None, attempt: str | None = None) -> str:
+    """A shard's folder relative to the memory: ``shards/vNNNNNNNN[.TOKEN]/NAME[.ATTEMPT]``.
+
+    ``token`` keeps two runs at one version apart, ``attempt`` two tries at one shard (Beam retries).
+    """
+    top = f"v{int(version):08d}" + (f".{token}" if token else "")
+    return f"shards/{top}/{name}" + (f".{attempt}" if attempt else "")
+
+
 def parse_shard_name(name: str) -> tuple[int, int] | None:
     """``(index, count)`` of a name :func:`shard_name` made (suffixes allowed); None for another name."""
     m = _SHARD_NAME.match(name)
@@ -190,7 +199,14 @@ class Partitioning:
 def _shards(value, where: str) -> list:
     if not isinstance(value, list):
         raise MemoryFormatError(f"{where} must be a list, got {type(value).__name__}")
-    return [e if isinstance(e, ShardEntry) else ShardEntry.from_json(e, f"{where}[{i}]") for i, e in enumerate(value)]
+    return [ShardEntry.from_json(e, f"{where}[{i}]") for i, e in enumerate(value)]
+
+
+def _typed_arg(value, kind, what: str):
+    """``value`` if it is a ``kind`` (or None); :meth:`Manifest.new` takes typed parts only."""
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{what} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _class_names(value, where: str) -> list:
@@ -228,17 +244,23 @@ class Manifest:
     def new(cls, *, version, dim, class_names, backend, shards, encoder=None, partitioning=None,
             parent_version=None, change="write", change_detail=None, build=None, tombstones=None,
             forget=None, removed_count=None) -> "Manifest":
-        """A new version's manifest: item count from its shards, format version from its removal state."""
-        shards = _shards(list(shards), "shards")
-        state = {k: v if v is None or isinstance(v, StateRef) else StateRef.from_json(v, k)
-                 for k, v in (("tombstones", tombstones or None), ("forget", forget or None))}
-        part = partitioning if isinstance(partitioning, Partitioning) else Partitioning.from_json(
-            partitioning or {"method": "hash"})
+        """A new version's manifest: item count from its shards, format version from its removal state.
+
+        Only declared fields are accepted (Python refuses any other keyword).
+
+        Raises:
+            TypeError: a shard that is not a :class:`ShardEntry`, partitioning that is not a
+                :class:`Partitioning` (None: hash), or removal state that is not a :class:`StateRef`.
+        """
+        shards = [_typed_arg(e, ShardEntry, "each shard") for e in shards]
+        state = {"tombstones": _typed_arg(tombstones, StateRef, "tombstones"),
+                 "forget": _typed_arg(forget, StateRef, "forget")}
         return cls(
-            format_version=REMOVALS_FORMAT_VERSION if state["tombstones"] or state["forget"] else FORMAT_VERSION,
+            format_version=REMOVALS_FORMAT_VERSION if tombstones or forget else FORMAT_VERSION,
             version=int(version), parent_version=parent_version, created_unix=time.time(), change=change,
             encoder=dict(encoder or {}), dim=int(dim), class_names=list(class_names), backend=backend,
-            partitioning=part, shards=shards, count=int(sum(s.count for s in shards)),
+            partitioning=_typed_arg(partitioning, Partitioning, "partitioning") or Partitioning("hash"),
+            shards=shards, count=int(sum(s.count for s in shards)),
             change_detail=change_detail, build=build, removed_count=removed_count, **state,
         )
 
@@ -271,40 +293,18 @@ class Manifest:
         return refs | {s.path for s in (self.tombstones, self.forget) if s}
 
 
-def as_manifest(manifest: Manifest | dict) -> Manifest:
-    """A :class:`Manifest` from either form (callers outside ``memory`` still pass dicts)."""
-    return manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
-
-
-def new_manifest(*, version, dim, class_names, backend, shards, encoder=None, partitioning=None,
-                 parent_version=None, change="write", extra=None, **extensions) -> dict:
-    """:meth:`Manifest.new` as a dict. ``extra`` and ``extensions`` may only hold declared extension
-    fields (``change_detail``, ``build``, ``tombstones``, ``forget``, ``removed_count``).
-
-    Raises:
-        ValueError: an undeclared field; MemoryFormatError: a value of the wrong type.
-    """
-    extensions = {**(extra or {}), **extensions}
-    allowed = {f.name for f in dataclasses.fields(Manifest) if f.metadata.get("optional")}
-    unknown = sorted(set(extensions) - allowed)
-    if unknown:
-        raise ValueError(f"undeclared manifest field(s) {unknown}; declared extensions: {sorted(allowed)}")
-    return Manifest.new(version=version, dim=dim, class_names=class_names, backend=backend, shards=shards,
-                        encoder=encoder, partitioning=partitioning, parent_version=parent_version,
-                        change=change, **extensions).to_json()
-
-
-def write_manifest(root: str, manifest: Manifest | dict) -> str:
+def write_manifest(root: str, manifest: Manifest) -> str:
     """Publish a version: the manifest is the last file written, atomically, and only if absent."""
-    m = as_manifest(manifest)
-    path = manifest_path(root, m.version)
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"write_manifest takes a Manifest, got {type(manifest).__name__}")
+    path = manifest_path(root, manifest.version)
     if storage.exists(path):
-        raise MemoryFormatError(f"{path} already exists: version {m.version} is published")
-    storage.write_bytes_atomic(path, json.dumps(m.to_json(), indent=1, sort_keys=True).encode())
+        raise MemoryFormatError(f"{path} already exists: version {manifest.version} is published")
+    storage.write_bytes_atomic(path, json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode())
     return path
 
 
-def load_manifest(root: str, version: int | None = None) -> Manifest:
+def read_manifest(root: str, version: int | None = None) -> Manifest:
     """The manifest of ``version`` (default: the latest), every field checked.
 
     Raises:
@@ -337,7 +337,3 @@ def load_manifest(root: str, version: int | None = None) -> Manifest:
         )
     return Manifest.from_json(d, path)
 
-
-def read_manifest(root: str, version: int | None = None) -> dict:
-    """:func:`load_manifest` as the stored dict (for callers not yet on :class:`Manifest`)."""
-    return load_manifest(root, version).to_json()

@@ -7,12 +7,11 @@ items, whatever the number of shards, equal similarities ordered by item id.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import numpy as np
 
-from memory import leases, removals, storage, voting
+from memory import leases, removals, voting
 from memory import manifest as mf
 from memory.backends import BACKENDS
 from memory.fanout import ThreadFanout
@@ -46,7 +45,7 @@ class Classification:
 
 def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, backend: str = "exact",
                  class_names, weights=None, provenance=None, encoder=None, backend_params=None,
-                 storage_dtype: str = "float32") -> dict:
+                 storage_dtype: str = "float32") -> mf.Manifest:
     """Write a new memory at ``path`` (local or ``gs://``) in this process; returns its manifest.
 
     Items are hash-partitioned by id into ``num_shards`` shards, each written with the per-shard
@@ -83,17 +82,15 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
         if len(rows) == 0:
             continue
         name = mf.shard_name(s, num_shards)
-        rel = f"shards/v{version:08d}/{name}"
-        entry = write_shard(
-            storage.join(path, rel), emb[rows], ids[rows], np.asarray(labels)[rows], backend_name=backend,
-            weights=None if weights is None else np.asarray(weights)[rows],
+        shards.append(write_shard(
+            path, mf.shard_dir(version, name), emb[rows], ids[rows], np.asarray(labels)[rows], name=name,
+            backend_name=backend, weights=None if weights is None else np.asarray(weights)[rows],
             provenance={k: np.asarray(v)[rows] for k, v in (provenance or {}).items()},
             backend_params=backend_params, storage_dtype=storage_dtype,
-        )
-        shards.append({"name": name, "path": rel, **entry})
-    manifest = mf.new_manifest(
+        ))
+    manifest = mf.Manifest.new(
         version=version, dim=emb.shape[1], class_names=class_names, backend=backend, shards=shards,
-        encoder=encoder, partitioning={"method": "hash", "num_shards": num_shards},
+        encoder=encoder, partitioning=mf.Partitioning("hash", num_shards=num_shards),
     )
     mf.write_manifest(path, manifest)
     return manifest
@@ -104,7 +101,7 @@ class Memory:
 
     def __init__(self, root: str, manifest: mf.Manifest, shards, executor, lease=None):
         self.root = root
-        self._manifest = manifest
+        self.manifest = manifest  # the pinned version's
         self.shards = shards
         self.executor = executor
         self.lease = lease
@@ -129,8 +126,8 @@ class Memory:
             FileNotFoundError: nothing published at ``path``, or no such version.
             MemoryFormatError: a corrupt or partial memory, or an unsupported format version.
         """
-        manifest = mf.load_manifest(path, version)
-        entries = [e.to_json() for e in manifest.shards]
+        manifest = mf.read_manifest(path, version)
+        entries = manifest.shards
         lease = leases.acquire(path, manifest.version, lease_s) if lease_s else None
         try:
             if hosts == "local":
@@ -143,7 +140,7 @@ class Memory:
                 raise ValueError(f"hosts must be 'local' or 'ray', got {hosts!r}")
             removed = removals.tombstones_by_shard(path, manifest)
             for shard in shards:
-                shard.exclude(removed.get(shard.entry["path"], ()))
+                shard.exclude(removed.get(shard.entry.path, ()))
         except BaseException:
             if lease:
                 leases.release(lease)
@@ -165,22 +162,17 @@ class Memory:
     def __exit__(self, *exc):
         self.close()
 
-    @functools.cached_property
-    def manifest(self) -> dict:
-        """The version's manifest as stored (``memory.manifest.Manifest.to_json``)."""
-        return self._manifest.to_json()
-
     @property
     def version(self) -> int:
-        return self._manifest.version
+        return self.manifest.version
 
     @property
     def dim(self) -> int:
-        return self._manifest.dim
+        return self.manifest.dim
 
     @property
     def class_names(self) -> list:
-        return self._manifest.class_names
+        return self.manifest.class_names
 
     @property
     def num_classes(self) -> int:
@@ -232,7 +224,7 @@ class Memory:
             return None
         if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
             raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
-        part = self._manifest.partitioning
+        part = self.manifest.partitioning
         if not part.centroids:
             raise ValueError(
                 f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
@@ -251,16 +243,16 @@ class Memory:
         ``P * k`` wide instead of ``shards * k``.
         """
         q_num, probe = route.shape
-        parts = [int(s.entry["partition"]) for s in self.shards]
+        parts = [s.entry.partition_number for s in self.shards]
         per_part = {p: [] for p in parts}
 
         def one(shard):
-            hit = route == int(shard.entry["partition"])
+            hit = route == shard.entry.partition_number
             sel = np.flatnonzero(hit.any(axis=1))
             return sel, hit[sel].argmax(axis=1), (shard.search(q[sel], k, **knobs) if len(sel) else None)
 
         for shard, res in zip(self.shards, self.executor.map(one, self.shards)):
-            per_part[int(shard.entry["partition"])].append(res)
+            per_part[shard.entry.partition_number].append(res)
         sims = np.full((q_num, probe * k), -np.inf, np.float32)
         ids = np.full((q_num, probe * k), "", dtype=object)
         labels = np.full((q_num, probe * k), -1, np.int64)

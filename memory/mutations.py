@@ -27,38 +27,28 @@ def new_token() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def partition_of(entry: dict) -> int:
-    """The partition (hash bucket or k-means cell) a shard holds."""
-    return ShardEntry.from_json(entry, f"shard {entry.get('name')!r}").partition_number
-
-
 def next_version(root: str) -> int:
     latest = mf.latest_version(root)
     return 1 if latest is None else latest + 1
 
 
-def derive_manifest(parent: Manifest | dict, *, version: int, change: str, detail: dict, shards=None,
-                    tombstones="keep", forget="keep", class_names=None) -> dict:
+def derive_manifest(parent: Manifest, *, version: int, change: str, detail: dict,
+                    shards: list[ShardEntry] | None = None, tombstones: StateRef | None | str = "keep",
+                    forget: StateRef | None | str = "keep", class_names=None) -> Manifest:
     """The manifest of ``version``: the parent's, with new shards and/or removal state.
 
     ``tombstones`` and ``forget`` are state entries (``removals.write_table``), None to drop, or
     ``"keep"`` the parent's; ``removed_count`` follows the tombstones.
     """
-    parent = mf.as_manifest(parent)
-    tombstones = parent.tombstones if tombstones == "keep" else _state(tombstones)
-    forget = parent.forget if forget == "keep" else _state(forget)
-    m = Manifest.new(
+    tombstones = parent.tombstones if tombstones == "keep" else tombstones
+    forget = parent.forget if forget == "keep" else forget
+    return Manifest.new(
         version=version, dim=parent.dim, class_names=class_names or parent.class_names, backend=parent.backend,
         shards=parent.shards if shards is None else shards, encoder=parent.encoder,
         partitioning=parent.partitioning, parent_version=parent.version, change=change, change_detail=detail,
         build=parent.build, tombstones=tombstones, forget=forget,
         removed_count=tombstones.count if tombstones else 0,
     )
-    return m.to_json()
-
-
-def _state(entry: StateRef | dict | None) -> StateRef | None:
-    return entry if not entry or isinstance(entry, StateRef) else StateRef.from_json(entry)
 
 
 def read_id_file(path: str) -> list[str]:
@@ -104,7 +94,7 @@ def remove_items(root: str, *, ids=None, label: str | None = None, source: str |
         FileNotFoundError: no memory at ``root``.
     """
     t0 = time.perf_counter()
-    parent = mf.load_manifest(root)
+    parent = mf.read_manifest(root)
     label_index = None
     if label is not None:
         if label not in parent.class_names:
@@ -140,42 +130,40 @@ def remove_items(root: str, *, ids=None, label: str | None = None, source: str |
     mf.write_manifest(root, manifest)
     return {"memory": root, "version": version, "parent_version": parent.version, "removed": len(removed),
             "not_found": len(not_found), "not_found_examples": not_found[:5],
-            "live_count": manifest["count"] - manifest["removed_count"], "seconds": time.perf_counter() - t0}
+            "live_count": manifest.live_count, "seconds": time.perf_counter() - t0}
 
 
-def plan_compaction(manifest: Manifest | dict, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
-    """Which shards to rewrite: ``[{partition, name, sources: [{entry, dead ids}]}]``.
+def plan_compaction(manifest: Manifest, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
+    """Which shards to rewrite: ``[{partition, name, sources: [{entry: ShardEntry, dead: [ids]}]}]``.
 
     A partition is rewritten when one of its shards holds removed items, or (``merge``) when it is
     spread over several shards (``add`` writes new ones). Its rewritten shard takes the name a fresh
     build gives that partition, so a compacted memory looks like one built from scratch.
     """
-    m = mf.as_manifest(manifest)
     by_part: dict[int, list] = {}
-    for entry in m.shards:
-        by_part.setdefault(entry.partition_number, []).append(entry.to_json())
+    for entry in manifest.shards:
+        by_part.setdefault(entry.partition_number, []).append(entry)
     groups = []
     for part, entries in sorted(by_part.items()):
-        dirty = any(dead_by_shard.get(e["path"]) for e in entries)
+        dirty = any(dead_by_shard.get(e.path) for e in entries)
         if dirty or (merge and len(entries) > 1):
-            groups.append({"partition": part, "name": mf.shard_name(part, m.num_partitions),
-                           "sources": [{"entry": e, "dead": sorted(dead_by_shard.get(e["path"], ()))}
+            groups.append({"partition": part, "name": mf.shard_name(part, manifest.num_partitions),
+                           "sources": [{"entry": e, "dead": sorted(dead_by_shard.get(e.path, ()))}
                                        for e in entries]})
     return groups
 
 
-def compacted_manifest(parent: Manifest | dict, groups: list, new_entries: list, *, version: int, detail: dict,
-                       tombstones=None) -> dict:
+def compacted_manifest(parent: Manifest, groups: list, new_entries: list[ShardEntry], *, version: int,
+                       detail: dict, tombstones: StateRef | None = None) -> Manifest:
     """The manifest after compaction: rewritten partitions replaced, their tombstones dropped.
 
     ``new_entries`` are the shard entries the job wrote (a partition whose items were all removed
     has none). ``tombstones``: the state entry holding the tombstones of shards not rewritten (the
     caller writes it), None when there are none.
     """
-    parent = mf.as_manifest(parent)
-    replaced = {s["entry"]["path"] for g in groups for s in g["sources"]}
-    shards = [e.to_json() for e in parent.shards if e.path not in replaced] + list(new_entries)
-    shards.sort(key=lambda e: (partition_of(e), e["name"]))
+    replaced = {s["entry"].path for g in groups for s in g["sources"]}
+    shards = [e for e in parent.shards if e.path not in replaced] + list(new_entries)
+    shards.sort(key=lambda e: (e.partition_number, e.name))
     return derive_manifest(parent, version=version, change="compact", detail=detail, shards=shards,
                            tombstones=tombstones)
 
@@ -185,7 +173,7 @@ def version_history(root: str) -> list[dict]:
     held = leases.held_versions(root)
     out = []
     for v in mf.list_versions(root):
-        m = mf.load_manifest(root, v)
+        m = mf.read_manifest(root, v)
         out.append({
             "version": v, "parent_version": m.parent_version, "change": m.change,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_unix)),
@@ -219,7 +207,7 @@ def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
     kept = sorted(set(versions[-keep:]) | {v for v in versions if v in held} | {latest})
     refs = set()
     for v in kept:
-        refs |= mf.load_manifest(root, v).referenced_paths()
+        refs |= mf.read_manifest(root, v).referenced_paths()
     deleted_versions = [v for v in versions if v not in kept]
     if not dry_run:
         for v in deleted_versions:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from memory.manifest import ShardEntry
 from memory.shard import Shard
 
 
 class ShardHost:
     """The actor body: one opened shard."""
 
-    def __init__(self, root: str, entry: dict, verify: bool = True):
+    def __init__(self, root: str, entry: ShardEntry, verify: bool = True):
         self.shard = Shard.open(root, entry, verify=verify)
 
     def search(self, queries: np.ndarray, k: int, knobs: dict):
@@ -32,10 +33,10 @@ class ShardHost:
 class RemoteShard:
     """A proxy for a :class:`ShardHost` actor, usable wherever the memory uses a local shard."""
 
-    def __init__(self, actor, entry: dict):
+    def __init__(self, actor, entry: ShardEntry):
         self.actor = actor
         self.entry = entry
-        self.name = entry["name"]
+        self.name = entry.name
 
     def search(self, queries, k, **knobs):
         import ray
@@ -54,7 +55,7 @@ class RemoteShard:
         return ray.get(self.actor.sizes.remote())[1]
 
 
-def open_remote_shards(root: str, entries: list, *, verify: bool = True, num_cpus: float | None = None) -> list:
+def open_remote_shards(root: str, entries: list[ShardEntry], *, verify: bool = True, num_cpus: float | None = None) -> list:
     """Start one actor per shard on the connected Ray cluster; wait until every shard is loaded.
 
     ``num_cpus`` per actor defaults to an equal share of the cluster's CPUs (at most 1), so every

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memory import storage
-from memory.manifest import Manifest, MemoryFormatError, StateRef, as_manifest
+from memory.manifest import Manifest, MemoryFormatError, StateRef
 
 TOMBSTONES_SCHEMA = pa.schema([("shard", pa.string()), ("id", pa.string())])
 FORGET_SCHEMA = pa.schema([("id", pa.string()), ("version", pa.int64()), ("reason", pa.string())])
@@ -27,20 +27,19 @@ def state_path(version: int, name: str, token: str) -> str:
     return f"state/v{version:08d}.{token}/{name}"
 
 
-def write_table(root: str, rel: str, table: pa.Table) -> dict:
-    """Write a state table at ``root/rel``; its manifest entry ``{path, count, bytes, sha256}``."""
+def write_table(root: str, rel: str, table: pa.Table) -> StateRef:
+    """Write a state table at ``root/rel``; its manifest entry."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
     storage.write_bytes_atomic(storage.join(root, rel), data)
-    return {"path": rel, "count": len(table), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return StateRef(path=rel, count=len(table), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def read_table(root: str, entry: StateRef | dict | None, schema: pa.Schema) -> pa.Table:
-    """The state table an entry points at (empty when there is none), checksum verified."""
-    if not entry:
+def read_table(root: str, ref: StateRef | None, schema: pa.Schema) -> pa.Table:
+    """The state table ``ref`` points at (empty when there is none), checksum verified."""
+    if ref is None:
         return schema.empty_table()
-    ref = entry if isinstance(entry, StateRef) else StateRef.from_json(entry)
     path = storage.join(root, ref.path)
     try:
         data = storage.read_bytes(path)
@@ -51,15 +50,15 @@ def read_table(root: str, entry: StateRef | dict | None, schema: pa.Schema) -> p
     return pq.read_table(pa.BufferReader(data))
 
 
-def tombstones(root: str, manifest: Manifest | dict) -> pa.Table:
-    return read_table(root, as_manifest(manifest).tombstones, TOMBSTONES_SCHEMA)
+def tombstones(root: str, manifest: Manifest) -> pa.Table:
+    return read_table(root, manifest.tombstones, TOMBSTONES_SCHEMA)
 
 
-def forget_list(root: str, manifest: Manifest | dict) -> pa.Table:
-    return read_table(root, as_manifest(manifest).forget, FORGET_SCHEMA)
+def forget_list(root: str, manifest: Manifest) -> pa.Table:
+    return read_table(root, manifest.forget, FORGET_SCHEMA)
 
 
-def tombstones_by_shard(root: str, manifest: Manifest | dict) -> dict[str, set]:
+def tombstones_by_shard(root: str, manifest: Manifest) -> dict[str, set]:
     """``{shard path: set of removed ids}`` for the version ``manifest`` describes."""
     table = tombstones(root, manifest)
     out: dict[str, set] = {}

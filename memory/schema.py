@@ -143,13 +143,27 @@ def items_table(ids, labels, weights, provenance) -> pa.Table:
 
 
 def shard_files(path) -> list[str]:
-    """The embedding shards at ``path`` (or at each of a list of paths): one file, every ``*.parquet``
-    under a folder, or a glob's matches."""
+    """The embedding shards at ``path`` (or at each of a list of paths), local or ``gs://``: a file,
+    a folder's top-level ``*.parquet`` files, or a glob's matches; sorted within each path.
+
+    Raises:
+        FileNotFoundError: a path that matches nothing (every shard lister, builds included, uses this).
+    """
     out = []
     for one in [path] if isinstance(path, str) else list(path):
-        files = storage.find_files(one, ".parquet")
+        fs, p = storage.filesystem(one)
+        if any(ch in p for ch in "*?["):
+            pattern = one
+        elif fs.isdir(p):
+            pattern = storage.join(one, "*.parquet")
+        elif fs.exists(p):
+            out.append(one)
+            continue
+        else:
+            raise FileNotFoundError(f"embedding shard not found: {one}")
+        files = storage.find_files(pattern)
         if not files:
-            raise FileNotFoundError(f"no embedding shards (*.parquet) at {one}")
+            raise FileNotFoundError(f"no embedding shards match {pattern}")
         out += files
     return out
 

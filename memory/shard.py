@@ -17,15 +17,16 @@ import pyarrow.parquet as pq
 from memory import schema, storage
 from memory.backends import EMBEDDINGS_FILE, backend
 from memory.items import ITEMS_FILE, normalise, read_items_at
-from memory.manifest import MemoryFormatError
+from memory.manifest import MemoryFormatError, ShardEntry
 
 
-def write_shard(dest: str, embeddings, ids, labels, *, backend_name: str, weights=None,
-                provenance=None, backend_params=None, storage_dtype: str = "float32") -> dict:
-    """Build one shard's index and files, publish them at ``dest``, return its manifest entry.
+def write_shard(root: str, path: str, embeddings, ids, labels, *, name: str, backend_name: str,
+                partition: int | None = None, weights=None, provenance=None, backend_params=None,
+                storage_dtype: str = "float32") -> ShardEntry:
+    """Build one shard's index and files, publish them at ``root/path``, return its manifest entry.
 
-    The caller validates; rows are re-ordered by id here. Nothing appears at ``dest`` until the
-    shard is complete.
+    ``path`` is relative to the memory (``memory.manifest.shard_dir``). The caller validates; rows
+    are re-ordered by id here. Nothing appears at ``root/path`` until the shard is complete.
     """
     ids = np.asarray(ids, dtype=object)
     order = np.argsort(ids.astype(str), kind="stable")
@@ -44,26 +45,27 @@ def write_shard(dest: str, embeddings, ids, labels, *, backend_name: str, weight
         index = backend(backend_name).build(emb, list(ids), backend_params)
         index.save(tmp)
         files = storage.describe_dir(tmp)
-        storage.publish_dir(tmp, dest)
+        storage.publish_dir(tmp, storage.join(root, path))
     params = getattr(index, "params", None) or backend_params or {}
-    return {"count": n, "backend": backend_name, "params": params, "files": files}
+    return ShardEntry(name=name, path=path, count=n, backend=backend_name, params=params, files=files,
+                      partition=partition)
 
 
 class Shard:
     """A loaded shard: its index plus the item columns that travel with every neighbour."""
 
-    def __init__(self, entry: dict, local_dir: str):
+    def __init__(self, entry: ShardEntry, local_dir: str):
         self.entry = entry
-        self.name = entry["name"]
+        self.name = entry.name
         items = read_items_at(local_dir, ["id", "label", "weight"])
         self.ids = np.asarray(items.column("id").to_pylist(), dtype=object)
         self.labels = items.column("label").to_numpy().astype(np.int64)
         self.weights = items.column("weight").to_numpy().astype(np.float32)
-        self.index = backend(entry["backend"]).load(local_dir, entry.get("params", {}))
-        if len(self.index) != len(self.ids) or len(self.ids) != entry["count"]:
+        self.index = backend(entry.backend).load(local_dir, entry.params)
+        if len(self.index) != len(self.ids) or len(self.ids) != entry.count:
             raise MemoryFormatError(
                 f"shard {self.name}: index has {len(self.index)} rows, items table {len(self.ids)}, "
-                f"manifest says {entry['count']}"
+                f"manifest says {entry.count}"
             )
         self.removed = np.zeros(len(self.ids), dtype=bool)  # tombstoned rows (memory.removals)
 
@@ -80,8 +82,8 @@ class Shard:
         return len(self.ids) - int(self.removed.sum())
 
     @classmethod
-    def open(cls, root: str, entry: dict, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
-        """Open the shard at ``root/entry['path']``, checking that every file is there and intact."""
+    def open(cls, root: str, entry: ShardEntry, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
+        """Open the shard at ``root/entry.path``, checking that every file is there and intact."""
         with local_shard(root, entry, verify=verify, cache_dir=cache_dir) as local:
             return cls(entry, local)
 
@@ -124,7 +126,7 @@ class Shard:
 
 
 @contextlib.contextmanager
-def local_shard(root: str, entry: dict, files=None, *, verify: bool = True, cache_dir: str | None = None):
+def local_shard(root: str, entry: ShardEntry, files=None, *, verify: bool = True, cache_dir: str | None = None):
     """A local folder holding ``files`` (default: all) of the shard ``entry``, each checked against
     the size (and, with ``verify``, the checksum) its manifest entry records; a download is
     deleted on exit.
@@ -132,29 +134,29 @@ def local_shard(root: str, entry: dict, files=None, *, verify: bool = True, cach
     Raises:
         MemoryFormatError: a file missing ("incomplete") or not matching its checksum ("corrupt").
     """
-    src = storage.join(root, entry["path"])
-    files = sorted(entry["files"] if files is None else files)
+    src = storage.join(root, entry.path)
+    files = sorted(entry.files if files is None else files)
     try:
         local = storage.fetch_dir(src, files, cache_root=cache_dir)
     except FileNotFoundError as exc:
-        raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {exc}") from exc
+        raise MemoryFormatError(f"shard {entry.name} at {src} is incomplete: {exc}") from exc
     try:
         for rel in files:
             path = os.path.join(local, rel)
             if not os.path.exists(path):
-                raise MemoryFormatError(f"shard {entry['name']} at {src} is incomplete: {rel} is missing")
-            want = entry["files"][rel]
+                raise MemoryFormatError(f"shard {entry.name} at {src} is incomplete: {rel} is missing")
+            want = entry.files[rel]
             if os.path.getsize(path) != want["bytes"] or (verify and storage.sha256_file(path) != want["sha256"]):
-                raise MemoryFormatError(f"shard {entry['name']} at {src} is corrupt: {rel} does not match its checksum")
+                raise MemoryFormatError(f"shard {entry.name} at {src} is corrupt: {rel} does not match its checksum")
         yield local
     finally:
         if storage.is_remote(src):
             shutil.rmtree(local, ignore_errors=True)
 
 
-def read_vectors(root: str, entry: dict, rows) -> np.ndarray:
+def read_vectors(root: str, entry: ShardEntry, rows) -> np.ndarray:
     """Stored (normalised) vectors of ``rows`` of a shard, as float32; local files are memory-mapped."""
-    path = storage.join(root, entry["path"], EMBEDDINGS_FILE)
+    path = storage.join(root, entry.path, EMBEDDINGS_FILE)
     if storage.is_remote(path):
         import io
 

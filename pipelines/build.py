@@ -6,14 +6,16 @@ fixes a plain :class:`~pipelines.build_config.BuildConfig` and runs the graph of
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 
 import pyarrow.parquet as pq
 
 from memory import manifest as mf
-from memory import mutations, removals, storage
+from memory import mutations, removals, schema, storage
 from memory.backends import BACKENDS
+from memory.encoder_spec import EncoderSpec
 from pipelines.beam_runner import BuildFailed, run_pipeline
 from pipelines.build_config import BuildConfig
 from pipelines.build_graph import build_pipeline
@@ -24,25 +26,9 @@ log = logging.getLogger("vismem.build")
 PARTITIONS = ("hash", "kmeans")
 
 
-def expand_inputs(spec) -> list[str]:
-    """Embedding shard paths from a file, a folder (its ``*.parquet``) or a glob, local or ``gs://``."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out = []
-    for s in specs:
-        fs, p = storage.filesystem(s)
-        if fs.isdir(p):
-            p = p.rstrip("/") + "/*.parquet"
-        found = sorted(fs.glob(p)) if any(c in p for c in "*?[") else ([p] if fs.exists(p) else [])
-        if not found:
-            raise FileNotFoundError(f"no embedding shards match {s}")
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        out += [f"{proto}://{f}" if storage.is_remote(s) else f for f in found]
-    return out
-
-
 def inspect_inputs(files: list[str]) -> dict:
-    """Row counts, dimensions and encoders from the Parquet footers only (no data is read)."""
-    rows, dims, encoders = 0, Counter(), set()
+    """Row counts, dimensions and the encoder (an ``EncoderSpec`` or None) from the Parquet footers only."""
+    rows, dims, specs = 0, Counter(), set()
     for f in files:
         fs, p = storage.filesystem(f)
         try:
@@ -55,13 +41,20 @@ def inspect_inputs(files: list[str]) -> dict:
             continue
         rows += n
         dims[getattr(typ, "list_size", -1)] += n
-        if meta.get("encoder"):
-            encoders.add((meta["encoder"], meta.get("encoder_version", "")))
-    if len(encoders) > 1:
-        raise ValueError(f"the embedding shards come from different encoders {sorted(encoders)}: "
-                         "one memory holds one encoder's embeddings")
-    enc = {"name": e[0], "version": e[1]} if (e := next(iter(encoders), None)) else {}
-    return {"rows": rows, "dims": dims, "encoder": enc}
+        if (spec := EncoderSpec.from_metadata(meta)) is not None:
+            specs.add(spec)
+    return {"rows": rows, "dims": dims, "encoder": _one_encoder(specs)}
+
+
+def _one_encoder(specs: set) -> EncoderSpec | None:
+    """The encoder every shard names: the most completely described one, checked against the others."""
+    ranked = sorted(specs, key=lambda s: (-sum(v is not None for v in dataclasses.astuple(s)), s.describe()))
+    for other in ranked[1:]:
+        try:
+            ranked[0].check_compatible(other)
+        except ValueError as exc:
+            raise ValueError(f"the embedding shards come from different encoders: {exc}") from None
+    return ranked[0] if ranked else None
 
 
 def _check_classes(class_names):
@@ -85,7 +78,7 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
 
     Raises:
         ValueError: bad arguments, a memory already at ``out``, or no valid rows (BuildFailed).
-        FileNotFoundError: no embedding shards match ``embeddings``.
+        FileNotFoundError: no embedding shards at ``embeddings``.
     """
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partitioning {partition!r}; choose one of {', '.join(PARTITIONS)}")
@@ -101,7 +94,7 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
         raise ValueError(f"a memory already exists at {out} (version {mf.latest_version(out)}); "
                          "use 'vismem add' to add items to it")
     names = _check_classes(class_names)
-    files = expand_inputs(embeddings)
+    files = schema.shard_files(embeddings)
     info = inspect_inputs(files)
     if dim is None:
         if not info["dims"]:
@@ -111,7 +104,8 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
                       total_rows=info["rows"], dim=int(dim), class_names=names, num_shards=int(num_shards),
                       partition=partition, backend=backend, backend_params=dict(backend_params or {}),
                       storage_dtype=storage_dtype, norm_tolerance=norm_tolerance, batch_rows=batch_rows,
-                      kmeans_sample=kmeans_sample, kmeans_cells=kmeans_cells, seed=seed, encoder=info["encoder"])
+                      kmeans_sample=kmeans_sample, kmeans_cells=kmeans_cells, seed=seed,
+                      encoder=info["encoder"].to_manifest() if info["encoder"] else {})
     log.info("building %s: %d files, %d rows, dim %d, %d %s shards, %s backend", out, len(files), info["rows"],
              cfg.dim, cfg.num_shards, partition, backend)
     run = run_pipeline(lambda p: build_pipeline(p, cfg), pipeline_args, "build")
@@ -128,37 +122,53 @@ def add_to_memory(memory: str, embeddings, *, class_names=None, readmit: bool = 
     memory's classes (new classes appended at the end; existing ones keep their numbers).
 
     Raises:
-        ValueError: a class list that does not extend the memory's, or no valid rows (BuildFailed).
+        ValueError: a class list that does not extend the memory's, embeddings of another encoder,
+            or no valid rows (BuildFailed).
         FileNotFoundError: no memory, or no embedding shards.
     """
     parent = mf.read_manifest(memory)
-    names = list(parent["class_names"])
-    if class_names:
-        class_names = list(class_names)
-        if class_names[:len(names)] != names:
-            raise ValueError(f"--class-names must start with the memory's {len(names)} classes in order "
-                             f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and append new ones")
-        names = _check_classes(class_names)
-    files = expand_inputs(embeddings)
+    names = _extended_classes(parent.class_names, class_names)
+    files = schema.shard_files(embeddings)
     info = inspect_inputs(files)
-    if parent.get("encoder", {}).get("name") and info["encoder"] and info["encoder"] != parent["encoder"]:
-        raise ValueError(f"the new embeddings come from {info['encoder']}, the memory from {parent['encoder']}")
-    part = parent.get("partitioning", {})
+    _check_encoder(memory, parent.encoder, info["encoder"])
+    part, build = parent.partitioning, parent.build or {}
     dead = removals.tombstones_by_shard(memory, parent)
-    build = parent.get("build", {})
     dtype = build.get("storage_dtype") or next(
-        (e["params"]["dtype"] for e in parent["shards"] if "dtype" in e.get("params", {})), "float32")
+        (e.params["dtype"] for e in parent.shards if "dtype" in e.params), "float32")
     version = mutations.next_version(memory)
     cfg = BuildConfig(
-        out=memory, version=version, token=mutations.new_token(), parent_version=parent["version"],
-        files=tuple(files), total_rows=info["rows"], dim=parent["dim"], class_names=tuple(names),
-        num_shards=int(part.get("num_shards") or len(parent["shards"]) or 1), partition=part.get("method", "hash"),
-        centroids=tuple(tuple(c) for c in part["centroids"]) if part.get("centroids") else None,
-        cell_partitions=tuple(part["cell_partitions"]) if part.get("cell_partitions") else None,
-        backend=parent["backend"], backend_params=dict(build.get("backend_params") or {}), storage_dtype=dtype,
+        out=memory, version=version, token=mutations.new_token(), parent_version=parent.version,
+        files=tuple(files), total_rows=info["rows"], dim=parent.dim, class_names=tuple(names),
+        num_shards=parent.num_partitions or 1, partition=part.method,
+        centroids=tuple(tuple(c) for c in part.centroids) if part.centroids else None,
+        cell_partitions=tuple(part.cell_partitions) if part.cell_partitions else None,
+        backend=parent.backend, backend_params=dict(build.get("backend_params") or {}), storage_dtype=dtype,
         norm_tolerance=norm_tolerance, readmit=readmit, batch_rows=batch_rows,
-        existing=tuple((e["path"], sorted(dead.get(e["path"], ()))) for e in parent["shards"]),
+        existing=tuple((e.path, sorted(dead.get(e.path, ()))) for e in parent.shards),
     )
-    log.info("adding to %s (version %d): %d files, %d rows", memory, parent["version"], len(files), info["rows"])
+    log.info("adding to %s (version %d): %d files, %d rows", memory, parent.version, len(files), info["rows"])
     run = run_pipeline(lambda p: build_pipeline(p, cfg), pipeline_args, "add")
     return summarise(memory, version, parent, run)
+
+
+def _check_encoder(memory: str, known: dict, new: EncoderSpec | None) -> None:
+    """Refuse embeddings of another encoder than the memory's (fields either side leaves unknown pass)."""
+    spec = EncoderSpec.from_manifest(known)
+    if spec is None or new is None:
+        return
+    try:
+        spec.check_compatible(new)
+    except ValueError as exc:
+        raise ValueError(f"cannot add to {memory} (the memory's encoder first, the new embeddings' second): "
+                         f"{exc}") from None
+
+
+def _extended_classes(names: list, class_names) -> tuple:
+    """The memory's class names, or ``class_names`` when they start with them and append new ones."""
+    if not class_names:
+        return tuple(names)
+    class_names = list(class_names)
+    if class_names[:len(names)] != list(names):
+        raise ValueError(f"--class-names must start with the memory's {len(names)} classes in order "
+                         f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) and append new ones")
+    return _check_classes(class_names)

@@ -31,7 +31,7 @@ class BuildConfig:
     kmeans_sample: int = 100_000
     kmeans_cells: int | None = None
     seed: int = 0
-    encoder: dict = dataclasses.field(default_factory=dict)
+    encoder: dict = dataclasses.field(default_factory=dict)  # EncoderSpec.to_manifest() of the inputs
     existing: tuple = ()  # add: ((shard path, removed ids), ...) of the memory's shards
 
     def shard_name(self, partition: int) -> str:

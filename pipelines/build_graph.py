@@ -16,6 +16,7 @@ Workers receive paths and a plain config, never loaded indices.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -27,9 +28,8 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from memory import manifest as mf
-from memory import removals, schema, storage
+from memory import items, removals, schema, storage
 from memory.partition import default_cells, hash_partition, kmeans_partition, train_router
-from memory.items import read_items
 from memory.shard import write_shard
 from pipelines import validate
 from pipelines.beam_runner import METRICS
@@ -49,7 +49,8 @@ def forgotten_ids(cfg: BuildConfig) -> set:
 
 
 def write_shard_attempt(root: str, version: int, token: str, name: str, partition: int, rows: dict, *,
-                        backend: str, backend_params: dict, storage_dtype: str, started: float | None = None) -> dict:
+                        backend: str, backend_params: dict, storage_dtype: str,
+                        started: float | None = None) -> mf.ShardEntry:
     """Write one shard of ``rows`` (ids, embeddings, labels, provenance, optional weights); its manifest entry.
 
     A folder per attempt: a runner may retry a bundle, and a retry must never overwrite files whose
@@ -58,14 +59,13 @@ def write_shard_attempt(root: str, version: int, token: str, name: str, partitio
     ``build_seconds`` counts from ``started`` (a ``time.perf_counter()``; default: now).
     """
     t0 = time.perf_counter() if started is None else started
-    rel = f"shards/v{version:08d}.{token}/{name}.{uuid.uuid4().hex[:8]}"
+    rel = mf.shard_dir(version, name, token=token, attempt=uuid.uuid4().hex[:8])
     entry = write_shard(
-        storage.join(root, rel), rows["embeddings"], rows["ids"], rows["labels"], backend_name=backend,
-        weights=rows.get("weights"), provenance={k: rows[k] for k in schema.PROVENANCE_COLUMNS},
-        backend_params=backend_params or None, storage_dtype=storage_dtype,
+        root, rel, rows["embeddings"], rows["ids"], rows["labels"], name=name, partition=partition,
+        backend_name=backend, weights=rows.get("weights"), backend_params=backend_params or None,
+        provenance={k: rows[k] for k in schema.PROVENANCE_COLUMNS}, storage_dtype=storage_dtype,
     )
-    return {"name": name, "path": rel, "partition": partition, **entry,
-            "build_seconds": round(time.perf_counter() - t0, 3)}
+    return dataclasses.replace(entry, build_seconds=round(time.perf_counter() - t0, 3))
 
 
 class ReadValidate(beam.DoFn):
@@ -109,7 +109,7 @@ def new_id_buckets(batch, num_buckets):
 def existing_id_buckets(item, out, num_buckets):
     """The live ids of one of the memory's shards, by bucket (an add must not repeat them)."""
     path, removed = item
-    ids = np.asarray(read_items(out, {"path": path}, columns=["id"]).column("id").to_pylist(), dtype=object)
+    ids = np.asarray(items.read_items_at(storage.join(out, path), ["id"]).column("id").to_pylist(), dtype=object)
     if removed:
         gone = set(removed)
         ids = ids[np.fromiter((i not in gone for i in ids), dtype=bool, count=len(ids))]
@@ -123,7 +123,7 @@ def find_duplicates(element):
     old = [ids for kind, ids in parts if kind == "old"]
     if not new:
         return
-    yield from validate.duplicate_ids(np.concatenate(new), np.concatenate(old) if old else ()).items()
+    yield from items.duplicate_reasons(np.concatenate(new), np.concatenate(old) if old else ()).items()
 
 
 def _unit_hash(ids) -> np.ndarray:
@@ -196,7 +196,8 @@ class Assign(beam.DoFn):
 
 
 class WriteShard(beam.DoFn):
-    """All rows of one shard in; its index and files written by the memory core's writer; its entry out."""
+    """All rows of one shard in; its index and files written by the memory core's writer;
+    ``(its ShardEntry, the forgotten ids it re-admits)`` out."""
 
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
@@ -221,10 +222,10 @@ class WriteShard(beam.DoFn):
         entry = write_shard_attempt(c.out, c.version, c.token, c.shard_name(part), part, batch, backend=c.backend,
                                     backend_params=c.backend_params, storage_dtype=c.storage_dtype)
         self.shards_written.inc()
-        self.items_written.inc(entry["count"])
-        log.info("shard %s written: %d items in %.2f s", entry["name"], entry["count"], entry["build_seconds"])
+        self.items_written.inc(entry.count)
+        log.info("shard %s written: %d items in %.2f s", entry.name, entry.count, entry.build_seconds)
         readmitted = sorted(self.forgotten.intersection(batch["ids"].tolist())) if self.forgotten else []
-        yield {**entry, "readmitted": readmitted}
+        yield entry, readmitted
 
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):

@@ -40,7 +40,7 @@ class CompactConfig:
     backend_params: dict
 
 
-def read_shard_rows(root: str, entry: dict, dead) -> dict:
+def read_shard_rows(root: str, entry: mf.ShardEntry, dead) -> dict:
     """A shard's stored rows (ids, embeddings, labels, weights, provenance columns) minus the ``dead`` ids."""
     with local_shard(root, entry, [ITEMS_FILE, EMBEDDINGS_FILE]) as local:  # checksums verified
         items = read_items_at(local)
@@ -71,27 +71,27 @@ class CompactPartition(beam.DoFn):
         entry = write_shard_attempt(c.root, c.version, c.token, group["name"], group["partition"], rows,
                                     backend=c.backend, backend_params=c.backend_params,
                                     storage_dtype=str(parts[0]["embeddings"].dtype), started=t0)
-        log.info("shard %s compacted: %d items in %.2f s", group["name"], len(rows["ids"]), entry["build_seconds"])
+        log.info("shard %s compacted: %d items in %.2f s", group["name"], len(rows["ids"]), entry.build_seconds)
         yield entry
 
 
 def publish_compaction(entries, cfg: CompactConfig, groups) -> int:
+    """The compacted version's manifest, written last: the tombstones of shards not rewritten stay."""
     latest = mf.latest_version(cfg.root)
     if latest != cfg.parent_version:
         raise RuntimeError(f"{cfg.root} changed during compaction (version {latest} was published meanwhile); "
                            "nothing was published: run compact again")
     parent = mf.read_manifest(cfg.root, cfg.parent_version)
-    rewritten = {s["entry"]["path"] for g in groups for s in g["sources"]}
+    rewritten = {s["entry"].path for g in groups for s in g["sources"]}
     dropped = sum(len(s["dead"]) for g in groups for s in g["sources"])
-    detail = {"partitions_rewritten": len(groups), "items_dropped": dropped}
-    manifest = mutations.compacted_manifest(parent, groups, entries, version=cfg.version, detail=detail)
     left = removals.tombstones(cfg.root, parent)
     pairs = [(s, i) for s, i in zip(left.column("shard").to_pylist(), left.column("id").to_pylist())
              if s not in rewritten]
-    if pairs:
-        manifest["tombstones"] = removals.write_table(
-            cfg.root, removals.state_path(cfg.version, "tombstones.parquet", cfg.token), removals.tombstones_table(pairs))
-        manifest["removed_count"] = len(pairs)
+    tombstones = removals.write_table(cfg.root, removals.state_path(cfg.version, "tombstones.parquet", cfg.token),
+                                      removals.tombstones_table(pairs)) if pairs else None
+    manifest = mutations.compacted_manifest(
+        parent, groups, entries, version=cfg.version, tombstones=tombstones,
+        detail={"partitions_rewritten": len(groups), "items_dropped": dropped})
     mf.write_manifest(cfg.root, manifest)
     return cfg.version
 
@@ -105,11 +105,11 @@ def compact_memory(root: str, *, merge: bool = True, pipeline_args=None) -> dict
     parent = mf.read_manifest(root)
     groups = mutations.plan_compaction(parent, removals.tombstones_by_shard(root, parent), merge=merge)
     if not groups:
-        return {"memory": root, "version": parent["version"], "changed": False}
+        return {"memory": root, "version": parent.version, "changed": False}
     cfg = CompactConfig(root=root, version=mutations.next_version(root), token=mutations.new_token(),
-                        parent_version=parent["version"], backend=parent["backend"],
-                        backend_params=dict(parent.get("build", {}).get("backend_params") or {}))
-    log.info("compacting %s version %d: %d partitions to rewrite", root, parent["version"], len(groups))
+                        parent_version=parent.version, backend=parent.backend,
+                        backend_params=dict((parent.build or {}).get("backend_params") or {}))
+    log.info("compacting %s version %d: %d partitions to rewrite", root, parent.version, len(groups))
 
     def construct(p):
         (p | "Partitions" >> beam.Create(groups) | "Spread" >> beam.Reshuffle()
@@ -119,5 +119,5 @@ def compact_memory(root: str, *, merge: bool = True, pipeline_args=None) -> dict
     run = run_pipeline(construct, pipeline_args, "compact")
     m = mf.read_manifest(root, cfg.version)
     return {"memory": root, "version": cfg.version, "changed": True, "partitions_rewritten": len(groups),
-            "items_dropped": m["change_detail"]["items_dropped"], "items": m["count"] - m.get("removed_count", 0),
-            "shards": len(m["shards"]), "wall_seconds": run["seconds"]}
+            "items_dropped": m.change_detail["items_dropped"], "items": m.live_count,
+            "shards": len(m.shards), "wall_seconds": run["seconds"]}

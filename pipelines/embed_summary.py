@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from memory.encoder_spec import EncoderSpec
 from pipelines import outputs
 
 COUNT_KEYS = ("read", "quarantined", "embedded", "human_labelled", "unlabelled", "pseudo_labelled",
@@ -58,14 +59,12 @@ def build_summary(cfg, source, identity: dict, teacher, label_map, shards: list,
 
 
 def _encoder(workers: list[dict] | None, done_before: dict, dtype: str) -> dict | None:
-    """The encoder as the workers reported it, or as the shards written before record it."""
+    """The encoder's spec as the workers reported it, or as the shards written before record it."""
     if workers:
-        w = workers[0]
-        encoder = {"name": w["name"], "version": w["version"], "dim": w["dim"], "image_size": w["image_size"]}
+        spec, dim = workers[0]["spec"], workers[0]["dim"]
     elif done_before:
         meta = next(iter(done_before.values()))["metadata"]
-        encoder = {"name": meta.get("encoder"), "version": meta.get("encoder_version"),
-                   "dim": int(meta.get("dim", 0)), "image_size": int(meta.get("image_size", 0))}
+        spec, dim = EncoderSpec.from_metadata(meta), int(meta.get("dim", 0))
     else:
         return None
-    return {**encoder, "dtype": dtype}
+    return {**(spec.to_manifest() if spec else {}), "dim": dim, "dtype": dtype}

@@ -180,12 +180,10 @@ class EncoderWorker:
         # One batch through the network at the run's shape builds the kernels once, before any shard arrives.
         self.encoder.embed(np.zeros((batch_size, image_size, image_size, 3), np.uint8))
         self.layout = outputs.OutputLayout(out)
-        self.metadata = {"encoder": self.encoder.name, "encoder_version": self.encoder.version,
-                         "image_size": self.encoder.image_size, "teacher": teacher_obj.name if teacher_obj else ""}
+        self.metadata = {**self.encoder.spec.to_metadata(), "teacher": teacher_obj.name if teacher_obj else ""}
 
     def ready(self) -> dict:
-        return {"name": self.encoder.name, "version": self.encoder.version, "dim": self.encoder.dim,
-                "image_size": self.encoder.image_size, "device": self.encoder.device, "pid": os.getpid()}
+        return {"spec": self.encoder.spec, "dim": self.encoder.dim, "device": self.encoder.device, "pid": os.getpid()}
 
     def process(self, shard: InputShard, decoded: dict, progress) -> dict:
         if decoded["errors"]:

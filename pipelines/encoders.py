@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memory.encoder_spec import EncoderSpec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,7 +43,7 @@ HF_CHECKPOINTS = {
 
 
 class Encoder(abc.ABC):
-    """The interface: ``name``, ``version``, ``dim``, ``image_size``; ``embed(images)``.
+    """The interface: ``name``, ``version``, ``dim``, ``image_size``, ``spec``; ``embed(images)``.
 
     Subclasses give ``model``, the per-channel normalisation in pixel units (``offset``, ``scale``:
     ``x = (pixels - offset) / scale``) and ``features(x)``: un-normalised embeddings of a
@@ -56,6 +58,16 @@ class Encoder(abc.ABC):
     offset: tuple
     scale: tuple
     device: str = "cpu"
+
+    @property
+    def preprocessing(self) -> str:
+        """How :meth:`preprocess` turns pixels into model input, e.g. ``rgb (x - 127) / 128``."""
+        return f"rgb (x - {_channels(self.offset)}) / {_channels(self.scale)}"
+
+    @property
+    def spec(self) -> EncoderSpec:
+        """The description every stage shares (embedding-shard metadata, the memory's manifest)."""
+        return EncoderSpec(self.name, self.version, self.image_size, self.preprocessing)
 
     def to(self, device: str) -> "Encoder":
         self.device = device
@@ -92,6 +104,13 @@ class Encoder(abc.ABC):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.embed_with_features(images)[0]
+
+
+def _channels(values) -> str:
+    """One number when every channel shares it, else the per-channel tuple (6 significant digits)."""
+    if len(set(values)) == 1:
+        return f"{values[0]:g}"
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 class EfficientNetEncoder(Encoder):

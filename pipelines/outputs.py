@@ -117,17 +117,9 @@ def read_errors(out: str) -> pa.Table:
 
 def read_run(out: str) -> dict:
     """All embedding shards of a run concatenated, in shard order (``memory.schema.read_embeddings`` form)."""
-    import numpy as np
-
     layout = OutputLayout(out)
     parts = [schema.read_embeddings(storage.join(layout.embeddings_dir, n))
              for n in storage.list_names(layout.embeddings_dir) if n.endswith(".parquet")]
     if not parts:
         raise FileNotFoundError(f"no embedding shards under {layout.embeddings_dir}")
-    return {
-        "ids": np.concatenate([p["ids"] for p in parts]),
-        "embeddings": np.concatenate([p["embeddings"] for p in parts]),
-        "labels": np.concatenate([p["labels"] for p in parts]),
-        "provenance": {k: np.concatenate([p["provenance"][k] for p in parts]) for k in parts[0]["provenance"]},
-        "metadata": parts[0]["metadata"],
-    }
+    return schema.concat_embeddings(parts, where=layout.embeddings_dir)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from memory import schema, storage
+from memory.encoder_spec import EncoderSpec
 from pipelines import outputs, teachers
 
 
@@ -19,15 +20,15 @@ def fit_probe_from_shards(shards: str, out: str, *, l2: float = 1e-4, max_iter: 
         summary_path = None
     else:
         raise FileNotFoundError(f"no embedding run or shard at {shards}")
-    meta = data["metadata"]
-    if "encoder" not in meta or "image_size" not in meta:
+    spec = EncoderSpec.from_metadata(data["metadata"])
+    if spec is None or spec.image_size is None:
         raise ValueError(f"{shards}: the shards do not say which encoder and image size made them")
     human = np.asarray(data["provenance"]["label_source"]) == "human"
     labels = np.where(human, data["labels"], -1)
     names = None
     if summary_path and storage.exists(summary_path):
         names = json.loads(storage.read_bytes(summary_path))["source"].get("class_names") or None
-    probe = teachers.fit_probe(data["embeddings"], labels, encoder=meta["encoder"], image_size=int(meta["image_size"]),
+    probe = teachers.fit_probe(data["embeddings"], labels, encoder=spec.name, image_size=spec.image_size,
                                class_names=names, l2=l2, max_iter=max_iter)
     teachers.save_probe(out, probe)
     keep = labels >= 0

@@ -1,4 +1,4 @@
-"""Row validation for memory builds: which embedding rows may enter a memory, and why the others may not.
+"""The Beam build's row batches: reading, validation by the memory's item policy, dead-letter records.
 
 Pure functions on row batches (plain dicts of numpy arrays), so the Beam build only calls them. A
 batch holds ``file``, ``rows`` (row numbers in that file), ``ids``, ``embeddings`` ``(N, dim)``,
@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from memory import schema
+from memory import items, schema
 from memory.partition import hash_partition
-from memory.shard import normalise
 
 COLUMNS = ("rows", "ids", "embeddings", "labels", *schema.PROVENANCE_COLUMNS)
 DEAD_LETTER_SCHEMA = pa.schema([
@@ -68,45 +67,17 @@ def validate_batch(batch: dict, *, dim: int, num_classes: int, norm_tolerance: f
                    forgotten=None, readmit: bool = False):
     """Split a batch into ``(good batch with L2-normalised embeddings, dead-letter records)``.
 
-    A row is rejected, with the first reason that applies, for: an empty id; a dimension other than
-    the memory's; NaN or infinite values; a zero vector; a norm further than ``norm_tolerance`` from
-    1 (embedding shards are L2-normalised; ``None`` skips the check); no label (-1); a label outside
-    the class names; an id in ``forgotten`` (a set: removed for unlearning) unless ``readmit``.
+    Each row is checked by the memory's :class:`memory.items.ItemPolicy` (the first reason that
+    applies goes to the dead letter); ids in ``forgotten`` (a set: removed for unlearning) are
+    rejected unless ``readmit``. Duplicate ids are found across all batches (``id_buckets``), not here.
     """
-    n = len(batch["ids"])
-    reason = np.full(n, None, dtype=object)
-
-    def reject(mask, text):
-        fresh = mask & (reason == None)  # noqa: E711 (element-wise)
-        if isinstance(text, str):
-            reason[fresh] = text
-        else:
-            for i in np.flatnonzero(fresh):
-                reason[i] = text(i)
-
-    ids = np.asarray(batch["ids"], dtype=object)
-    reject(np.array([not isinstance(i, str) or not i for i in ids], dtype=bool), "empty id")
-    emb = np.asarray(batch["embeddings"], dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[1] != dim:
-        reject(np.ones(n, bool), f"dimension {emb.shape[-1] if emb.ndim == 2 else '?'} differs from the memory's {dim}")
-        return take(batch, np.zeros(0, np.int64)), dead_records(batch, np.arange(n), reason)
-    finite = np.isfinite(emb).all(axis=1)
-    reject(~finite, "NaN or infinite values in the embedding")
-    norms = np.linalg.norm(np.where(finite[:, None], emb, 0.0), axis=1)
-    reject(norms == 0, "all-zero embedding (no direction)")
-    if norm_tolerance is not None:
-        reject(np.abs(norms - 1.0) > norm_tolerance,
-               lambda i: f"norm {norms[i]:.4g} is not 1 within {norm_tolerance}: the embedding is not L2-normalised")
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-    reject(labels == schema.UNKNOWN_LABEL, "no label (-1): a memory item needs a class")
-    reject((labels < 0) | (labels >= num_classes),
-           lambda i: f"label {labels[i]} outside the {num_classes} class names")
-    if forgotten and not readmit:
-        reject(np.array([i in forgotten for i in ids], dtype=bool),
-               "id was removed from this memory (unlearning); add it back only with --readmit")
-    bad = np.flatnonzero(reason != None)  # noqa: E711
-    good = take(batch, np.flatnonzero(reason == None))  # noqa: E711
-    good["embeddings"] = normalise(good["embeddings"]) if len(good["ids"]) else good["embeddings"]
+    policy = items.ItemPolicy(dim, num_classes, norm_tolerance)
+    reason = policy.reasons(batch["ids"], batch["embeddings"], batch["labels"],
+                            label_sources=batch["label_source"], forgotten=None if readmit else forgotten,
+                            unique=False)
+    bad = np.flatnonzero(np.not_equal(reason, None))
+    good = take(batch, np.flatnonzero(np.equal(reason, None)))
+    good["embeddings"] = items.normalise(good["embeddings"]) if len(good["ids"]) else good["embeddings"]
     return good, dead_records(batch, bad, reason[bad])
 
 
@@ -116,16 +87,3 @@ def id_buckets(ids, num_buckets: int) -> dict[int, np.ndarray]:
     where = hash_partition(ids, num_buckets)
     return {int(b): ids[where == b] for b in np.unique(where)}
 
-
-def duplicate_ids(new_ids, existing_ids=()) -> dict[str, str]:
-    """``{id: reason}`` for every new id given more than once or already in the memory."""
-    new = np.asarray(new_ids, dtype=object).astype(str)
-    out = {}
-    if len(new):
-        uniq, counts = np.unique(new, return_counts=True)
-        for i, c in zip(uniq[counts > 1], counts[counts > 1]):
-            out[str(i)] = f"duplicate id: {c} input rows share it (all are rejected)"
-    existing = set(np.asarray(existing_ids, dtype=object).astype(str).tolist()) if len(existing_ids) else set()
-    for i in set(new.tolist()) & existing:
-        out.setdefault(i, "id already in the memory (remove it first to replace it)")
-    return out

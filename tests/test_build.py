@@ -90,11 +90,11 @@ def test_beam_build_equals_write_memory_and_dead_letters_bad_rows(tmp_path):
     write_memory(ref, rows["embeddings"][keep], rows["labels"][keep], rows["ids"][keep], num_shards=4,
                  backend="exact", class_names=CLASSES, provenance={c: v[keep] for c, v in rows["provenance"].items()})
     beam_m, ref_m = mf.read_manifest(out), mf.read_manifest(ref)
-    assert [s["name"] for s in beam_m["shards"]] == [s["name"] for s in ref_m["shards"]]
-    for b, r in zip(beam_m["shards"], ref_m["shards"]):
-        assert b["count"] == r["count"] and b["files"] == r["files"], b["name"]
-    assert beam_m["count"] == keep.sum() == summary["items_added"] == 1800 - 1 + 1
-    assert beam_m["encoder"] == {"name": "test-encoder", "version": "7"}
+    assert [s.name for s in beam_m.shards] == [s.name for s in ref_m.shards]
+    for b, r in zip(beam_m.shards, ref_m.shards):
+        assert b.count == r.count and b.files == r.files, b.name
+    assert beam_m.count == keep.sum() == summary["items_added"] == 1800 - 1 + 1
+    assert beam_m.encoder == {"name": "test-encoder", "version": "7"}
     assert summary["bytes_per_item"] > 16 * 4 and len(summary["shards"]) == 4
     assert summary["counters"].get("rows_read") == 1800 + 8 + 3
 
@@ -131,11 +131,11 @@ def test_beam_build_on_gcs_with_scann_equals_write_memory(tmp_path, gcs_path):
     write_memory(ref, rows["embeddings"], rows["labels"], rows["ids"], num_shards=3, backend="scann",
                  class_names=CLASSES, provenance=rows["provenance"], backend_params=params)
     beam_m, ref_m = mf.read_manifest(out), mf.read_manifest(ref)
-    for b, r in zip(beam_m["shards"], ref_m["shards"]):
-        assert b["name"] == r["name"] and b["params"] == r["params"] and not b["params"]["brute_force"]
-        assert "scann/hashed_dataset.npy" in b["files"]
+    for b, r in zip(beam_m.shards, ref_m.shards):
+        assert b.name == r.name and b.params == r.params and not b.params["brute_force"]
+        assert "scann/hashed_dataset.npy" in b.files
         for f in ("items.parquet", "embeddings.npy"):
-            assert b["files"][f] == r["files"][f]
+            assert b.files[f] == r.files[f]
     q, _ = clustered(30, 12, len(CLASSES), seed=31)
     with Memory.open(out) as a, Memory.open(ref) as b:
         na, nb = a.search(q, 10), b.search(q, 10)
@@ -160,14 +160,14 @@ def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path, cells):
     want, _ = oracle_topk(q, x, ids, 10)
     recall = {}
     with Memory.open(out) as mem:
-        part = mem.manifest["partitioning"]
-        centroids = np.asarray(part["centroids"], np.float32)
-        cell_part = np.asarray(part["cell_partitions"])
+        part = mem.manifest.partitioning
+        centroids = np.asarray(part.centroids, np.float32)
+        cell_part = np.asarray(part.cell_partitions)
         expect_cells = 8 if cells else 80  # default: 16 per shard, at most one per 50 sampled rows
-        assert centroids.shape == (expect_cells, dim) and part["method"] == "kmeans"
+        assert centroids.shape == (expect_cells, dim) and part.method == "kmeans"
         assert sorted(set(cell_part)) == list(range(8))
         for shard in mem.shards:  # every item sits in the shard of its nearest cell
-            assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry["partition"]).all()
+            assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry.partition).all()
         for p in (1, 2, 4, 8):
             got = mem.search(q, 10, probe_shards=p).ids
             recall[p] = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
@@ -192,11 +192,11 @@ def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path, cells):
         _write(extra / "part-0.parquet", new_ids, q, np.zeros(len(q), int))
         add_to_memory(out, str(extra), pipeline_args=PIPE)
         with Memory.open(out) as mem:
-            assert mem.manifest["partitioning"] == part
-            added = [s for s in mem.shards if "-add-" in s.entry["name"]]
+            assert mem.manifest.partitioning == part
+            added = [s for s in mem.shards if "-add-" in s.entry.name]
             assert sum(len(s.ids) for s in added) == len(q)
             for shard in added:
-                assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry["partition"]).all()
+                assert (cell_part[(shard.index.embeddings @ centroids.T).argmax(1)] == shard.entry.partition).all()
             got = mem.search(q, 1, probe_shards=1).ids[:, 0]
             np.testing.assert_array_equal(got, new_ids)  # each new item is its own nearest, in its routed shard
 
@@ -212,3 +212,22 @@ def test_build_help_teaches_and_bad_arguments_fail_at_the_door(tmp_path):
         build_memory(str(tmp_path), str(tmp_path / "m"), num_shards=2, class_names=["a"], partition="random")
     with pytest.raises(ValueError, match="class names repeat"):
         build_memory(str(tmp_path), str(tmp_path / "m"), num_shards=2, class_names=["a", "a"])
+
+
+def test_add_refuses_embeddings_of_another_encoder_naming_both(tmp_path):
+    x, labels = clustered(40, 8, 2, seed=3)
+    ids = np.array([f"e-{i:02d}" for i in range(40)], dtype=object)
+    root = str(tmp_path / "m")
+    write_memory(root, x[:20], labels[:20], ids[:20], class_names=["a", "b"],
+                 encoder={"name": "test-encoder", "version": "7"})
+    _write(tmp_path / "new.parquet", ids[20:], x[20:], labels[20:])  # also test-encoder, version 7
+    other = {"encoder": "test-encoder", "encoder_version": "8", "preprocessing": "rgb x / 255"}
+    schema.write_embeddings(str(tmp_path / "other.parquet"), schema.embedding_table(ids[20:], x[20:], labels[20:],
+                                                                                    metadata=other))
+    with pytest.raises(ValueError, match=r"the embedding shards come from different encoders: encoders differ in "
+                                         r"version: test-encoder \(version=8, preprocessing=rgb x / 255\) vs "
+                                         r"test-encoder \(version=7\)"):
+        add_to_memory(root, [str(tmp_path / "new.parquet"), str(tmp_path / "other.parquet")])
+    with pytest.raises(ValueError, match=r"cannot add to .*: encoders differ in version: test-encoder "
+                                         r"\(version=7\) vs test-encoder \(version=8, preprocessing=rgb x / 255\)"):
+        add_to_memory(root, str(tmp_path / "other.parquet"))

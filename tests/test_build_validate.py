@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered
+from memory import items
 from memory.partition import group_cells, kmeans_partition, nearest_partitions, train_kmeans, train_router
 from pipelines import validate
 
@@ -45,7 +46,7 @@ def test_duplicates_and_existing_ids_meet_in_one_bucket():
     buckets = validate.id_buckets(ids, 3)
     assert sorted(i for b in buckets.values() for i in b) == sorted(ids)
     assert all(validate.id_buckets([i], 3).popitem()[0] == b for b, members in buckets.items() for i in members)
-    assert validate.duplicate_ids(ids, ["d", "z"]) == {
+    assert items.duplicate_reasons(ids, ["d", "z"]) == {
         "a": "duplicate id: 2 input rows share it (all are rejected)",
         "d": "id already in the memory (remove it first to replace it)",
     }

@@ -77,12 +77,12 @@ def test_build_and_add_read_the_same_formats(tmp_path, files):
                           "--class-names", str(files / "summary.json"), *pipe], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr
-    assert mf.read_manifest(mem)["class_names"] == NAMES
+    assert mf.read_manifest(mem).class_names == NAMES
     (tmp_path / "more.txt").write_text("\n".join(NAMES + ["Dress"]))
     res = subprocess.run([VISMEM, "add", mem, str(more), "--class-names", str(tmp_path / "more.txt"), "--", *pipe],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    assert mf.read_manifest(mem)["class_names"] == NAMES + ["Dress"]
+    assert mf.read_manifest(mem).class_names == NAMES + ["Dress"]
 
 
 def test_experiment_reads_a_text_file_too(tmp_path, files, capsys):

@@ -9,11 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from memory import uris
+from memory.idx import write_idx
 from pipelines import images, sources, teachers
 from pipelines.embed_summary import summarise
 from pipelines.embed_worker import ShardProcessor, decode_shard
 from pipelines.sources import SourceSpec, open_source
-from memory.idx import write_idx
 
 
 def _png(arr, mode=None, **save):
@@ -123,6 +124,8 @@ def test_folder_source_labels_by_subfolder_and_quarantines_bad_files(tmp_path):
                       "pets/cat/truncated.png": errors["pets/cat/truncated.png"]}
     assert errors["pets/cat/truncated.png"].startswith("truncated or corrupt image")
     assert all(d["images"].shape[1:] == (16, 16, 3) for d in decoded)
+    uri = next(u for d in decoded for u in d["uris"] if u.endswith("c0.png"))
+    assert uri == f"{tmp_path}/pets/cat/c0.png" and uris.resolve(uri) == (tmp_path / "pets/cat/c0.png").read_bytes()
 
 
 def test_idx_source_shards_ids_labels_and_hidden_fraction(tmp_path):
@@ -135,6 +138,8 @@ def test_idx_source_shards_ids_labels_and_hidden_fraction(tmp_path):
     recs = [r for s in src.shards() for r in src.read(s)]
     assert [r.id for r in recs] == [f"fm/test/{i:05d}" for i in range(50)]
     np.testing.assert_array_equal(recs[7].payload, x[7])
+    assert recs[7].uri == f"{tmp_path}/fm/t10k-images-idx3-ubyte.gz#7"
+    np.testing.assert_array_equal(uris.resolve(recs[7].uri), x[7])
     hidden = [r for r in recs if r.label < 0]
     # Roughly half hidden, each one's true label kept aside, and the choice is a function of the id alone.
     assert 10 <= len(hidden) <= 40
@@ -165,6 +170,7 @@ def test_webdataset_and_parquet_sources(tmp_path):
     d = decode_shard(src, shard, 8)
     assert d["ids"].tolist() == ["wds/part-000.tar/s0", "wds/part-000.tar/s1", "wds/part-000.tar/s2"]
     assert d["labels"].tolist() == [4, 5, 6]
+    assert d["uris"][1] == f"{tar_path}#s1" and uris.resolve(d["uris"][1]).startswith(b"\x89PNG")
     assert d["errors"] == [("wds/part-000.tar/s3", f"{tar_path}#s3", "unreadable: no image member in sample "
                             "(members: json)")]
 
@@ -180,6 +186,7 @@ def test_webdataset_and_parquet_sources(tmp_path):
     ds = [decode_shard(src, s, 8) for s in src.shards()]
     assert np.concatenate([d["ids"] for d in ds]).tolist() == ["pq/row0", "pq/row1", "pq/row2", "pq/row3"]
     assert np.concatenate([d["labels"] for d in ds]).tolist() == [0, 1, -1, 1]
+    assert ds[0]["uris"][1] == f"{tmp_path}/pq/a.parquet#1" and uris.resolve(ds[0]["uris"][1]) == pngs[1]
     assert ds[2]["errors"][0][0] == "pq/row4" and ds[2]["errors"][0][2].startswith("not an image")
     with pytest.raises(ValueError, match="no image column 'pixels'"):
         open_source(SourceSpec(str(tmp_path / "pq"), image_column="pixels")).shards()

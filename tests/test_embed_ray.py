@@ -34,8 +34,8 @@ def test_fashion_mnist_rows_match_the_plain_encoder_and_a_rerun_resumes(tmp_path
     assert s["shards"] == {"total": 3, "written_this_run": 3, "complete_before": 0}
     c = s["counts"]
     assert c["read"] == c["embedded"] == c["human_labelled"] == 150 and c["quarantined"] == 0
-    assert s["encoder"] == {"name": "efficientnet-lite0", "version": "imagenet-0.1.0", "dim": 1280, "image_size": 32,
-                            "dtype": "float32"}
+    assert s["encoder"] == {"name": "efficientnet-lite0", "version": "imagenet-0.1.0", "image_size": 32,
+                            "preprocessing": "rgb (x - 127) / 128", "dim": 1280, "dtype": "float32"}
     assert s["ray"]["workers"] == 1 and s["throughput"]["images_this_run"] == 150
     assert s["source"]["class_names"][0] == "T-shirt/top"
     run = read_run(str(tmp_path / "a"))

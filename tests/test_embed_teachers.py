@@ -5,6 +5,7 @@ import pytest
 import ray
 import torch
 
+from memory.encoder_spec import EncoderSpec
 from pipelines.embed import EmbedConfig, run_embed
 from pipelines.encoders import load_encoder
 from pipelines.outputs import read_run
@@ -54,6 +55,10 @@ def test_imagenet_head_teacher_with_label_map_excludes_unmapped_and_counts(tmp_p
     assert (run["provenance"]["confidence"] >= 0.2).all()
     assert s["pseudo_label_accuracy"] == pytest.approx((mapped[rows] == y[rows]).mean())
     assert s["teacher"]["name"] == "efficientnet-lite0/imagenet-head" and s["teacher"]["label_map_entries"] == 18
+    # The shards and the summary describe the encoder by its spec, preprocessing included.
+    assert enc.spec == EncoderSpec("efficientnet-lite0", "imagenet-0.1.0", size, "rgb (x - 127) / 128")
+    assert EncoderSpec.from_metadata(run["metadata"]) == enc.spec
+    assert s["encoder"] == {**enc.spec.to_manifest(), "dim": 1280, "dtype": "float32"}
 
 
 def test_probe_teacher_pseudo_label_accuracy_on_hidden_labels(tmp_path):

@@ -95,11 +95,11 @@ def test_read_items_in_place(tmp_path):
     write_memory(root, x, labels, ids, num_shards=2, class_names=["a", "b"],
                  provenance={"uri": np.array([f"f#{i}" for i in range(10)], dtype=object)})
     seen = []
-    for entry in mf.read_manifest(root)["shards"]:
+    for entry in mf.read_manifest(root).shards:
         t = items.read_items(root, entry, columns=["id", "uri"])
-        assert t.column_names == ["id", "uri"] and len(t) == entry["count"]
+        assert t.column_names == ["id", "uri"] and len(t) == entry.count
         assert t.column("id").to_pylist() == sorted(t.column("id").to_pylist())  # rows sorted by id
         seen += t.column("uri").to_pylist()
-        whole = items.read_items_at(f"{root}/{entry['path']}")
+        whole = items.read_items_at(f"{root}/{entry.path}")
         assert whole.column_names == ["id", "label", "weight", "label_source", "confidence", "source", "uri"]
     assert sorted(seen) == sorted(f"f#{i}" for i in range(10))

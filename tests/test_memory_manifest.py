@@ -30,10 +30,9 @@ def test_written_and_derived_manifests_round_trip_exactly(root):
     remove_items(root, ids=["it-001", "it-002"], reason="test")
     for v in (1, 2):
         stored = _stored(root, v)
-        m = mf.load_manifest(root, v)
-        assert m.to_json() == stored and Manifest.from_json(stored).to_json() == stored
-        assert mf.read_manifest(root, v) == stored
-    v1, v2 = mf.load_manifest(root, 1), mf.load_manifest(root, 2)
+        m = mf.read_manifest(root, v)
+        assert isinstance(m, Manifest) and m.to_json() == stored and Manifest.from_json(stored).to_json() == stored
+    v1, v2 = mf.read_manifest(root, 1), mf.read_manifest(root, 2)
     assert v1.format_version == 1 and v1.tombstones is None and "removed_count" not in _stored(root, 1)
     assert v2.format_version == mf.REMOVALS_FORMAT_VERSION and v2.parent_version == 1 and v2.change == "remove"
     assert v2.tombstones.count == 2 and v2.removed_count == 2 and v2.live_count == 58
@@ -43,21 +42,35 @@ def test_written_and_derived_manifests_round_trip_exactly(root):
 
 
 def test_a_build_manifest_with_every_extension_round_trips():
-    entry = {"name": "shard-00001-of-00002", "path": "shards/v00000001.t/shard-00001-of-00002.ab", "count": 3,
-             "backend": "scann", "params": {"num_leaves": 2}, "partition": 1, "build_seconds": 0.25,
-             "files": {"items.parquet": {"sha256": "0" * 64, "bytes": 10}}}
-    part = {"method": "kmeans", "num_shards": 2, "centroids": [[1.0, 0.0], [0.0, 1.0]], "cell_partitions": [1, 0]}
-    d = mf.new_manifest(version=1, dim=2, class_names=["x"], backend="scann", shards=[entry], partitioning=part,
-                        change="build", extra={"change_detail": {"items": 3}, "removed_count": 0,
-                                               "build": {"backend_params": {}, "storage_dtype": "float16"}})
-    assert Manifest.from_json(d).to_json() == d
-    assert d["partitioning"] == part and d["shards"] == [entry] and d["count"] == 3 and d["removed_count"] == 0
-    assert Manifest.from_json(d).shards[0].partition_number == 1
+    entry = mf.ShardEntry(name="shard-00001-of-00002", path=mf.shard_dir(1, "shard-00001-of-00002", token="t",
+                                                                        attempt="ab"),
+                          count=3, backend="scann", params={"num_leaves": 2}, partition=1, build_seconds=0.25,
+                          files={"items.parquet": {"sha256": "0" * 64, "bytes": 10}})
+    assert entry.path == "shards/v00000001.t/shard-00001-of-00002.ab"
+    part = mf.Partitioning("kmeans", num_shards=2, centroids=[[1.0, 0.0], [0.0, 1.0]], cell_partitions=[1, 0])
+    m = Manifest.new(version=1, dim=2, class_names=["x"], backend="scann", shards=[entry], partitioning=part,
+                     change="build", change_detail={"items": 3}, removed_count=0,
+                     build={"backend_params": {}, "storage_dtype": "float16"})
+    d = m.to_json()
+    assert Manifest.from_json(d) == m
+    assert d["partitioning"] == {"method": "kmeans", "num_shards": 2, "centroids": [[1.0, 0.0], [0.0, 1.0]],
+                                 "cell_partitions": [1, 0]}
+    assert d["shards"] == [entry.to_json()] and d["shards"][0]["path"] == entry.path
+    assert m.count == 3 and m.removed_count == 0 and m.shards[0].partition_number == 1
 
 
-def test_undeclared_extensions_are_refused():
-    with pytest.raises(ValueError, match=r"undeclared manifest field\(s\) \['tomstones'\]"):
-        mf.new_manifest(version=1, dim=2, class_names=["x"], backend="exact", shards=[], tomstones={})
+def test_new_takes_declared_typed_fields_only():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tomstones'"):
+        Manifest.new(version=1, dim=2, class_names=["x"], backend="exact", shards=[], tomstones=None)
+    with pytest.raises(TypeError, match="each shard must be a ShardEntry, got dict"):
+        Manifest.new(version=1, dim=2, class_names=["x"], backend="exact", shards=[{"name": "s"}])
+    with pytest.raises(TypeError, match="partitioning must be a Partitioning, got dict"):
+        Manifest.new(version=1, dim=2, class_names=["x"], backend="exact", shards=[], partitioning={"method": "hash"})
+
+
+def test_shard_dir():
+    assert mf.shard_dir(1, "shard-00000-of-00004") == "shards/v00000001/shard-00000-of-00004"
+    assert mf.shard_dir(12, "s", token="abc") == "shards/v00000012.abc/s"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -79,15 +92,15 @@ def test_bad_fields_are_named_on_read(root, change, message):
     change(d)
     json.dump(d, open(mf.manifest_path(root, 1), "w"))
     with pytest.raises(MemoryFormatError, match=message):
-        mf.load_manifest(root)
+        mf.read_manifest(root)
 
 
 def test_write_manifest_validates_and_never_overwrites(tmp_path, root):
     d = _stored(root, 1)
     with pytest.raises(MemoryFormatError, match="already exists"):
-        mf.write_manifest(root, d)
-    with pytest.raises(MemoryFormatError, match="field 'count' must be an integer"):
-        mf.write_manifest(str(tmp_path / "other"), {**d, "count": "60"})
+        mf.write_manifest(root, Manifest.from_json(d))
+    with pytest.raises(TypeError, match="write_manifest takes a Manifest, got dict"):
+        mf.write_manifest(str(tmp_path / "other"), d)
     path = mf.write_manifest(str(tmp_path / "other"), Manifest.from_json(d))
     assert json.load(open(path)) == d
 

@@ -62,8 +62,15 @@ def test_shard_files_and_concatenation(tmp_path):
     (d / "notes.txt").write_text("not a shard")
     assert schema.shard_files(str(d)) == [f"{d}/a.parquet", f"{d}/b.parquet"]
     assert schema.shard_files([str(d / "b.parquet"), f"{d}/a*.parquet"]) == [str(d / "b.parquet"), f"{d}/a.parquet"]
-    with pytest.raises(FileNotFoundError, match=r"no embedding shards \(\*.parquet\)"):
+    with pytest.raises(FileNotFoundError, match="no embedding shards match .*empty\\*"):
         schema.shard_files(str(tmp_path / "empty*"))
+    with pytest.raises(FileNotFoundError, match="embedding shard not found: .*none.parquet"):
+        schema.shard_files(str(d / "none.parquet"))
+    (tmp_path / "void").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no embedding shards match .*void/\*.parquet"):
+        schema.shard_files(str(tmp_path / "void"))
+    (d / "sub").mkdir()  # a folder means its top-level shards only
+    _shard(d / "sub" / "z.parquet", start=50)
     both = schema.read_embedding_shards(str(d))
     assert both["ids"].tolist() == ids_a + ids_b  # in file order
     np.testing.assert_array_equal(both["embeddings"][:5], x_a)

@@ -89,7 +89,7 @@ def test_scann_recall_against_oracle(tmp_path):
         manifest = write_memory(path, x, labels, ids, num_shards=shards, backend="scann",
                                 class_names=[str(i) for i in range(100)],
                                 backend_params={"brute_force": False})
-        assert all(s["backend"] == "scann" and not s["params"]["brute_force"] for s in manifest["shards"])
+        assert all(s.backend == "scann" and not s.params["brute_force"] for s in manifest.shards)
         with Memory.open(path) as mem:
             got = mem.search(q, 10).ids
         recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
@@ -101,7 +101,7 @@ def test_scann_brute_force_small_shard_is_exact(tmp_path, data):
     x, labels, ids, q = data
     write_memory(str(tmp_path / "m"), x, labels, ids, num_shards=2, backend="scann", class_names=CLASSES)
     with Memory.open(str(tmp_path / "m")) as mem:
-        assert mem.manifest["shards"][0]["params"]["brute_force"] is True
+        assert mem.manifest.shards[0].params["brute_force"] is True
         got = mem.search(q[2:], 10)
     want_ids, want_sims = oracle_topk(q[2:], x, ids, 10)
     np.testing.assert_allclose(got.sims, want_sims, atol=1e-5)

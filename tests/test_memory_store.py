@@ -29,7 +29,7 @@ def _roundtrip(path, data, backend):
                             weights=weights, provenance=prov, encoder={"name": "test-encoder"})
     with Memory.open(path) as mem:
         assert mem.version == 1 and len(mem) == 600 and mem.class_names == CLASSES
-        assert mem.manifest["encoder"]["name"] == "test-encoder"
+        assert mem.manifest.encoder["name"] == "test-encoder"
         nb = mem.search(q, 5)
         res = mem.classify(q, 5, "plurality")
     # Each neighbour carries its own label and weight back from storage.
@@ -44,7 +44,7 @@ def _roundtrip(path, data, backend):
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 def test_local_roundtrip_and_relocation(tmp_path, data, backend):
     manifest, nb = _roundtrip(str(tmp_path / "m"), data, backend)
-    assert manifest["count"] == 600 and len(manifest["shards"]) == 3
+    assert manifest.count == 600 and len(manifest.shards) == 3
     # A memory is relocatable: every path in it is relative (ScaNN serialised with relative paths).
     os.rename(tmp_path / "m", tmp_path / "moved")
     with Memory.open(str(tmp_path / "moved")) as mem:
@@ -65,8 +65,8 @@ def test_gcs_corrupt_shard_is_refused(gcs_path, data):
 
     x, labels, ids, _ = data
     write_memory(gcs_path, x, labels, ids, num_shards=2, class_names=CLASSES)
-    entry = mf.read_manifest(gcs_path)["shards"][0]
-    fs, root = fsspec.core.url_to_fs(f"{gcs_path}/{entry['path']}/items.parquet")
+    entry = mf.read_manifest(gcs_path).shards[0]
+    fs, root = fsspec.core.url_to_fs(f"{gcs_path}/{entry.path}/items.parquet")
     blob = bytearray(fs.cat_file(root))
     blob[len(blob) // 2] ^= 0xFF
     fs.pipe_file(root, bytes(blob))
@@ -91,7 +91,7 @@ def test_missing_and_corrupt_shard_files(tmp_path, data):
     x, labels, ids, _ = data
     root = str(tmp_path / "m")
     write_memory(root, x, labels, ids, num_shards=2, class_names=CLASSES)
-    shard_dir = os.path.join(root, mf.read_manifest(root)["shards"][1]["path"])
+    shard_dir = os.path.join(root, mf.read_manifest(root).shards[1].path)
     emb = os.path.join(shard_dir, "embeddings.npy")
     data_bytes = bytearray(open(emb, "rb").read())
     data_bytes[-3] ^= 0x01
@@ -181,7 +181,7 @@ def test_bad_queries_name_the_problem(tmp_path, data):
 
 def test_empty_memory_is_refused_at_query_time(tmp_path):
     root = str(tmp_path / "empty")
-    mf.write_manifest(root, mf.new_manifest(version=1, dim=4, class_names=["a"], backend="exact", shards=[]))
+    mf.write_manifest(root, mf.Manifest.new(version=1, dim=4, class_names=["a"], backend="exact", shards=[]))
     with Memory.open(root) as mem:
         with pytest.raises(ValueError, match="is empty: nothing to search"):
             mem.search(np.ones((1, 4)), 1)

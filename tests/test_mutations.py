@@ -120,8 +120,7 @@ def test_corrupt_removal_state_is_refused(tmp_path, data):
     root = str(tmp_path / "m")
     _write(root, data)
     remove_items(root, ids=["it-0001"])
-    entry = mf.read_manifest(root)["tombstones"]
-    path = os.path.join(root, entry["path"])
+    path = os.path.join(root, mf.read_manifest(root).tombstones.path)
     blob = bytearray(open(path, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(path, "wb").write(bytes(blob))
@@ -168,11 +167,10 @@ def test_gc_keeps_current_and_leased_versions(tmp_path, data):
 
 def test_plan_compaction_picks_dirty_and_split_partitions():
     def entry(name, path, part=None):
-        e = {"name": name, "path": path, "count": 10, "backend": "exact", "params": {}, "files": {}}
-        return e if part is None else {**e, "partition": part}
+        return mf.ShardEntry(name=name, path=path, count=10, backend="exact", params={}, files={}, partition=part)
 
-    manifest = mf.new_manifest(version=3, dim=4, class_names=["a"], backend="exact",
-                               partitioning={"method": "hash", "num_shards": 3}, shards=[
+    manifest = mf.Manifest.new(version=3, dim=4, class_names=["a"], backend="exact",
+                               partitioning=mf.Partitioning("hash", num_shards=3), shards=[
         entry("shard-00000-of-00003", "shards/v1/shard-00000-of-00003"),
         entry("shard-00001-of-00003", "shards/v1/shard-00001-of-00003"),
         entry("shard-00002-of-00003", "shards/v1/shard-00002-of-00003"),
@@ -183,6 +181,7 @@ def test_plan_compaction_picks_dirty_and_split_partitions():
     assert [(g["partition"], g["name"], len(g["sources"])) for g in groups] == [
         (0, "shard-00000-of-00003", 1), (2, "shard-00002-of-00003", 2)]
     assert groups[0]["sources"][0]["dead"] == ["a", "b"]
+    assert groups[1]["sources"][1]["entry"] == manifest.shards[3]
     assert [g["partition"] for g in plan_compaction(manifest, dead, merge=False)] == [0]
     assert plan_compaction(manifest, {}, merge=False) == []
 
@@ -213,7 +212,7 @@ def test_a_version_with_removals_is_format_2_so_older_readers_refuse_it(tmp_path
     x, labels = clustered(100, 8, 2, seed=3)
     root = str(tmp_path / "m")
     write_memory(root, x, labels, [f"i{i}" for i in range(100)], class_names=["a", "b"])
-    assert mf.read_manifest(root)["format_version"] == 1
+    assert mf.read_manifest(root).format_version == 1
     remove_items(root, ids=["i1", "i2"])
-    assert mf.read_manifest(root)["format_version"] == mf.REMOVALS_FORMAT_VERSION == 2
-    assert mf.read_manifest(root, 1)["format_version"] == 1
+    assert mf.read_manifest(root).format_version == mf.REMOVALS_FORMAT_VERSION == 2
+    assert mf.read_manifest(root, 1).format_version == 1

@@ -57,10 +57,10 @@ def test_remove_add_compact_readmit(tmp_path):
     fresh = str(tmp_path / "fresh")
     write_memory(fresh, x[live], live_labels, ids[live], num_shards=4, class_names=CLASSES + ["e"])
     compacted, ref = mf.read_manifest(root), mf.read_manifest(fresh)
-    assert "tombstones" not in compacted and compacted["forget"]["count"] == len(gone)
-    for a, b in zip(compacted["shards"], ref["shards"]):
-        assert a["name"] == b["name"] and a["count"] == b["count"]
-        assert a["files"]["items.parquet"] == b["files"]["items.parquet"]
+    assert compacted.tombstones is None and compacted.forget.count == len(gone)
+    for a, b in zip(compacted.shards, ref.shards):
+        assert a.name == b.name and a.count == b.count
+        assert a.files["items.parquet"] == b.files["items.parquet"]
     with Memory.open(root) as mem, Memory.open(fresh) as scratch:
         assert mem.version == 4 and len(mem) == len(live)
         for method in METHODS:

@@ -38,8 +38,8 @@ def test_ray_hosted_corrupt_shard_fails_by_name(tmp_path, local_ray):
     x, labels = clustered(200, 8, 2, seed=63)
     path = str(tmp_path / "m")
     write_memory(path, x, labels, [f"i{i}" for i in range(200)], num_shards=2, class_names=["a", "b"])
-    entry = mf.read_manifest(path)["shards"][0]
-    with open(os.path.join(path, entry["path"], "items.parquet"), "r+b") as f:
+    entry = mf.read_manifest(path).shards[0]
+    with open(os.path.join(path, entry.path, "items.parquet"), "r+b") as f:
         f.seek(20)
         f.write(b"\xff\xff\xff")
     with pytest.raises(Exception, match="corrupt: items.parquet"):

@@ -203,21 +203,25 @@ def test_new_version_published_elsewhere_is_picked_up_without_dropping_requests(
                 except Exception as exc:  # noqa: BLE001 - every failure counts
                     errors.append(repr(exc))
 
-    threads = [threading.Thread(target=hammer, args=(mine,)) for mine in seen]
+    threads = [threading.Thread(target=hammer, args=(mine,), daemon=True) for mine in seen]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    start_version = versions[-1]
-    target = served.ids[10]
-    published = remove_items(served.root, ids=[target], reason="published by another process")["version"]
-    deadline = time.time() + 10
-    while (not versions or versions[-1] != published) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert errors == []
+    try:  # the clients stop however this ends: a live one would hang pytest at exit
+        deadline = time.time() + 10
+        while not all(seen) and time.time() < deadline:  # every client has its first answer
+            time.sleep(0.05)
+        start_version = versions[-1]
+        target = served.ids[10]
+        published = remove_items(served.root, ids=[target], reason="published by another process")["version"]
+        deadline = time.time() + 10
+        while versions[-1] != published and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads) and errors == []
     assert published == start_version + 1 and versions[-1] == published
     assert all(mine == sorted(mine) and mine[-1] == published for mine in seen)  # versions only move forward
     with VismemClient(served.url) as c:

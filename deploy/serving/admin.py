@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException
 from deploy.serving.dependencies import ServingDep
 from deploy.serving.errors import error
 from deploy.serving.models import AddRequest, RemoveRequest
+from memory.items import ItemPolicy
 
 TOKEN_ENV = "VISMEM_ADMIN_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -75,7 +76,7 @@ def add_items(body: AddRequest, ctx: ServingDep):
         if unknown:
             raise error(422, f"unknown class(es) {unknown[:5]}; known: {names[:20]}; pass class_names "
                              "(the memory's classes followed by the new ones) to add classes")
-        result = _run_add(ctx.memory_path, body, names, ctx.add_beam_args)
+        result = _run_add(ctx.memory_path, body, names, dim, ctx.add_beam_args)
         ctx.served.refresh()
         return result
 
@@ -101,25 +102,28 @@ def remove(body: RemoveRequest, ctx: ServingDep):
         return result
 
 
-def _run_add(memory_path: str, body: AddRequest, names: list, beam_args) -> dict:
-    """Stage the items as an embedding shard and run the build pipeline's ``add`` on it."""
+def _run_add(memory_path: str, body: AddRequest, names: list, dim: int, beam_args) -> dict:
+    """Check the items with the memory's item policy, stage them as an embedding shard, run ``add`` on it."""
     from memory import schema
     from pipelines.build import BuildFailed, add_to_memory
 
-    ids = [it.id for it in body.items]
-    emb = np.asarray([it.embedding for it in body.items], dtype=np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    if not np.isfinite(emb).all() or (norms == 0).any():
-        raise error(422, "item embeddings must be finite and non-zero")
-    emb = emb / norms
-    labels = [names.index(it.label) for it in body.items]
+    ids = np.asarray([it.id for it in body.items], dtype=object)
+    labels = np.asarray([names.index(it.label) for it in body.items], dtype=np.int64)
     n = len(ids)
     prov = {"label_source": np.full(n, "human", dtype=object), "confidence": np.ones(n, np.float32),
             "source": np.asarray([it.source for it in body.items], dtype=object),
             "uri": np.asarray([it.uri for it in body.items], dtype=object)}
+    with np.errstate(over="ignore"):  # finite in JSON but beyond float32's range: the policy names the row
+        emb = np.asarray([it.embedding for it in body.items], dtype=np.float32)
+    # Any finite, non-zero norm: clients send raw embeddings, which the policy normalises.
+    policy = ItemPolicy(dim, len(names), norm_tolerance=None)
+    try:
+        emb = policy.admit(ids, emb, labels, label_sources=prov["label_source"])
+    except ValueError as exc:
+        raise error(422, str(exc)) from exc
     staging = tempfile.mkdtemp(prefix="vismem-serve-add-")
     try:
-        path = os.path.join(staging, "items.parquet")
+        path = os.path.join(staging, "staged.parquet")
         schema.write_embeddings(path, schema.embedding_table(ids, emb, labels, provenance=prov))
         try:
             return add_to_memory(memory_path, path, class_names=names, readmit=body.readmit,

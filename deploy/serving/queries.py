@@ -31,7 +31,7 @@ def info(ctx: ServingDep):
                 "items": len(mem), "removed_pending_compaction": m.removed_count or 0,
                 "dim": mem.dim, "classes": mem.class_names, "backend": m.backend,
                 "shards": len(m.shards), "encoder": spec.to_manifest() if spec else {},
-                "serving_encoder": ctx.encoder.spec.to_manifest() if ctx.encoder else None,
+                "serving_encoder": ctx.encoder.spec.name if ctx.encoder else None,
                 "admin_enabled": ctx.admin_token is not None,
                 "limits": dataclasses.asdict(ctx.limits), "version_swaps": served.swaps}
 

@@ -1,4 +1,4 @@
-"""What every source shares: the spec, input shards, records, the Source interface and file listing."""
+"""What every source shares: the spec, input shards, records and the Source interface."""
 from __future__ import annotations
 
 import abc
@@ -103,7 +103,3 @@ def is_dir(uri: str) -> bool:
     fs, p = storage.filesystem(uri)
     return fs.isdir(p)
 
-
-def list_files(uri: str) -> list[str]:
-    """Every file under ``uri`` (recursively), as full paths/URLs, sorted; hidden names left out."""
-    return storage.find_files(uri)

@@ -5,7 +5,7 @@ import functools
 import posixpath
 
 from memory import storage, uris
-from pipelines.sources.base import InputShard, Source, list_files
+from pipelines.sources.base import InputShard, Source
 
 
 class FolderSource(Source):
@@ -13,7 +13,7 @@ class FolderSource(Source):
 
     @functools.cached_property
     def _listing(self) -> list[str]:
-        return [posixpath.relpath(f, self.spec.uri) for f in list_files(self.spec.uri)]
+        return [posixpath.relpath(f, self.spec.uri) for f in storage.find_files(self.spec.uri)]
 
     @functools.cached_property
     def class_names(self) -> list[str]:

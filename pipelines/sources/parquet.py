@@ -4,7 +4,7 @@ from __future__ import annotations
 import posixpath
 
 from memory import storage, uris
-from pipelines.sources.base import InputShard, Source, list_files, shard_bounds
+from pipelines.sources.base import InputShard, Source, shard_bounds
 
 
 class ParquetSource(Source):
@@ -12,7 +12,7 @@ class ParquetSource(Source):
     datasets store images), an optional integer label column and an optional ``id`` column."""
 
     def shards(self) -> list[InputShard]:
-        files = [f for f in list_files(self.spec.uri) if f.endswith(".parquet")]
+        files = [f for f in storage.find_files(self.spec.uri) if f.endswith(".parquet")]
         if not files:
             raise ValueError(f"source {self.spec.uri} holds no .parquet files")
         pieces = [piece for f in files for piece in self._pieces(f)]
@@ -51,8 +51,8 @@ class ParquetSource(Source):
             rid = f"{self.spec.name}/{ids[j]}" if ids else f"{self.spec.name}/{base}/{row}"
             if isinstance(img, dict):
                 img = img.get("bytes")
-            yield self._record(rid, uris.parquet_uri(f, row), -1 if label is None else int(label), img if img is not None
-                               else b"")
+            yield self._record(rid, uris.parquet_uri(f, row), -1 if label is None else int(label),
+                               b"" if img is None else img)
 
 
 def _first_rows(pieces: list[tuple[str, int, int]], limit: int) -> list[tuple[str, int, int]]:

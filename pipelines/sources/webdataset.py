@@ -6,7 +6,7 @@ import posixpath
 import tarfile
 
 from memory import storage, uris
-from pipelines.sources.base import InputShard, Record, Source, list_files
+from pipelines.sources.base import InputShard, Record, Source
 
 
 class WebDatasetSource(Source):
@@ -18,37 +18,37 @@ class WebDatasetSource(Source):
         if self.spec.limit:
             raise ValueError("--limit is not supported for WebDataset sources (their sample counts are only "
                              "known by reading every tar); pass fewer tar files instead")
-        tars = [f for f in list_files(self.spec.uri) if f.endswith(".tar")]
+        tars = [f for f in storage.find_files(self.spec.uri) if f.endswith(".tar")]
         if not tars:
             raise ValueError(f"source {self.spec.uri} holds no .tar files")
         return [InputShard(i, len(tars), (t,)) for i, t in enumerate(tars)]
 
     def read(self, shard: InputShard):
-        (tar_uri,) = shard.items
-        tar_name = posixpath.basename(tar_uri)
-        samples, error = _samples(tar_uri)
+        (tar,) = shard.items
+        tar_name = posixpath.basename(tar)
+        samples, error = _samples(tar)
         if error is not None:
             # A broken tar: the samples read before the break are kept, the rest is one quarantined record.
-            yield Record(f"{self.spec.name}/{tar_name}", tar_uri, -1, -1, OSError(f"unreadable tar: {error}"))
+            yield Record(f"{self.spec.name}/{tar_name}", tar, -1, -1, OSError(f"unreadable tar: {error}"))
         for key, members in samples.items():
             image = next((members[e] for e in uris.WDS_IMAGE_EXTS if e in members), None)
             if image is None:
                 image = ValueError(f"no image member in sample (members: {', '.join(sorted(members))})")
-            yield self._record(f"{self.spec.name}/{tar_name}/{key}", uris.tar_uri(tar_uri, key), _label(members), image)
+            yield self._record(f"{self.spec.name}/{tar_name}/{key}", uris.tar_uri(tar, key), _label(members), image)
 
 
-def _samples(tar_uri: str) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
+def _samples(tar: str) -> tuple[dict[str, dict[str, bytes]], Exception | None]:
     """``({key: {extension: bytes}}, error)`` in tar order; ``error`` is what stopped the read, if anything."""
     samples: dict[str, dict[str, bytes]] = {}
-    fs, p = storage.filesystem(tar_uri)
+    fs, p = storage.filesystem(tar)
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for member in stream:
                 if not member.isfile():
                     continue
                 named = uris.wds_member(member.name)
                 if named:
-                    samples.setdefault(named[0], {})[named[1]] = tar.extractfile(member).read()
+                    samples.setdefault(named[0], {})[named[1]] = stream.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         return samples, exc
     return samples, None
