@@ -6,6 +6,7 @@ import dataclasses
 import zlib
 
 from memory import storage
+from memory.manifest import shard_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class InputShard:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
+        return shard_name(self.index, self.count)  # the same zero-padded names as memory shards
 
 
 @dataclasses.dataclass
