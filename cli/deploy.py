@@ -74,13 +74,12 @@ def _env_pairs(pairs) -> dict:
 
 
 def _run_submit(a) -> dict:
-    from cli.main import build_parser  # cli.main imports this module to build its parser
     from deploy import submit
 
     wd = None if a.working_dir == "none" else a.working_dir
     runtime = submit.runtime_env(working_dir=wd, requirements=a.requirements, env_vars=_env_pairs(a.env),
                                  extra=a.runtime_env)
-    return _finish(submit.submit(a.cluster, a.command, parse=build_parser().parse_args, runtime=runtime,
+    return _finish(submit.submit(a.cluster, a.command, parse=a.parse_vismem, runtime=runtime,
                                  job_id=a.job_id, follow=not a.no_wait, any_command=a.any_command,
                                  num_cpus=a.num_cpus, num_gpus=a.num_gpus))
 
