@@ -1,10 +1,11 @@
 """``vismem build``, ``add`` and ``compact``: the verbs that run a Beam job over a memory's shards."""
 from __future__ import annotations
 
-from cli.common import class_names
+from cli.common import CLASS_NAMES_HELP, class_names
 
 BEAM_HELP = (
-    "Beam options go after the verb's own, e.g. --runner DirectRunner --direct_num_workers 2 "
+    "Beam options go after the verb's own (or after --), each checked against Beam's option list before "
+    "anything runs, so a typo is an error, e.g. --runner DirectRunner --direct_num_workers 2 "
     "--direct_running_mode multi_processing (the default: one process per core). Dataflow: --runner "
     "DataflowRunner --project P --region R --temp_location gs://B/tmp --requirements_file req.txt (or "
     "--sdk_container_image with vismem installed). Flink: --runner FlinkRunner --flink_master HOST:8081 "
@@ -63,7 +64,7 @@ def add_build(sub) -> None:
     b.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob (local or gs://)")
     b.add_argument("out", help="memory directory or gs:// URL to create")
     b.add_argument("--num-shards", type=int, required=True, help="number of shards (partitions)")
-    b.add_argument("--class-names", required=True, help="class names: a,b,c or a file with one name per line")
+    b.add_argument("--class-names", required=True, help="class names: " + CLASS_NAMES_HELP)
     b.add_argument("--partition", choices=("hash", "kmeans"), default="hash",
                    help="hash: by id, stable (default); kmeans: by nearest centroid, enabling --probe-shards routing")
     b.add_argument("--backend", choices=("scann", "exact"), default="scann", help="index backend (default scann)")
@@ -104,7 +105,7 @@ def add_add(sub) -> None:
     )
     a.add_argument("memory", help="memory directory or gs:// URL")
     a.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob")
-    a.add_argument("--class-names", default=None, help="the memory's classes followed by new ones (a,b,c or a file)")
+    a.add_argument("--class-names", default=None, help="the memory's classes followed by new ones: " + CLASS_NAMES_HELP)
     a.add_argument("--readmit", action="store_true", help="accept ids that were removed (unlearned) before")
     a.add_argument("--norm-tolerance", type=float, default=0.01, help="as for build")
     a.set_defaults(func=_run_add)

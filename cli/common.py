@@ -9,6 +9,8 @@ import sys
 
 from memory import storage
 
+# The one meaning of --class-names, in every verb's help.
+CLASS_NAMES_HELP = "a,b,c, or a file: one name per line, or JSON (a list, or an embed run's summary.json)"
 # A value without a comma that looks like one of these is a file the user meant, never a class name.
 _PATH_SUFFIXES = (".txt", ".json", ".csv")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.common import class_names, comma_names
+from cli.common import CLASS_NAMES_HELP, class_names, comma_names
 
 EXPERIMENT_EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
@@ -139,7 +139,7 @@ def _common(p) -> None:
     p.add_argument("queries", help="embedding shards of labelled queries")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--class-names", default=None,
-                   help="comma list, or a JSON file (list, or the embed run summary); default 0..C-1")
+                   help=CLASS_NAMES_HELP + " (default 0..C-1)")
     p.add_argument("--k", type=int, default=10, help="neighbours that vote (default 10)")
 
 
