@@ -8,17 +8,21 @@ job (DirectRunner, 2 worker processes) with 8 cells (one centroid per shard) and
 (16 per shard). For every searcher, a sweep of (leaves searched, candidates reordered) gives its
 recall@10 / queries/s curve; the figure of merit is the best queries/s at recall@10 >= the target.
 The unsharded searcher is measured twice: raw ScaNN (``search_batched`` on the same searcher) and
-the same searcher as a one-shard memory. Everything runs in this process, side by side.
+the same searcher as a one-shard memory. Everything runs in this process, side by side, and the
+searchers take turns at every setting (so a busy moment of a shared machine hits all of them).
 
 Also printed: the routing ceiling, the share of true top-10 neighbours that lie in the P shards a
 query visits, whatever the search inside a shard does.
 
-Target (issue 4): at recall@10 >= 0.99 the routed memory keeps at least 0.9x the queries/s of the
-unsharded searcher. Writes ``bench-out/routing.json`` and prints Markdown tables.
+Targets: at recall@10 >= 0.99 the routed memory keeps at least 0.9x the queries/s of the
+unsharded searcher (issue 4); the one-shard memory >= 0.95x raw ScaNN, routed P = 1 >= 1.3x raw, and
+(``--hashed``) a hash-partitioned memory of the same shards >= 0.5x one shard (issue 12).
+Writes ``bench-out/routing.json`` and prints Markdown tables.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -52,6 +56,8 @@ def parse_args(argv):
                     help="leaves searched (per shard for routed memories) to sweep")
     ap.add_argument("--reorders", type=int_list, default="30,50,100,200",
                     help="candidates reordered exactly, to sweep")
+    ap.add_argument("--hashed", action="store_true",
+                    help="also sweep a hash-partitioned memory of --shards shards (every shard searched)")
     ap.add_argument("--target", type=float, default=0.99, help="recall@10 target")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per setting (best counts)")
     add_beam_args(ap)
@@ -82,6 +88,12 @@ def build_memories(args, work, x, labels, ids):
         t = time.perf_counter()
         write_memory(one, x, labels, ids, num_shards=1, backend="scann", class_names=classes)
         build_s["unsharded"] = time.perf_counter() - t
+    hashed = os.path.join(work, f"hashed-{args.shards}")
+    if args.hashed and not os.path.isdir(hashed):
+        t = time.perf_counter()  # the sweep sets leaves and reorder: no tuning needed
+        write_memory(hashed, x, labels, ids, num_shards=args.shards, backend="scann", class_names=classes,
+                     target_recall=None)
+        build_s["hashed"] = time.perf_counter() - t
     for c in args.cells:
         path = os.path.join(work, f"kmeans-{c}")
         if not os.path.isdir(path):
@@ -94,37 +106,48 @@ def build_memories(args, work, x, labels, ids):
 
 
 class Sweeps:
-    """Each searcher's recall@10 / queries/s curve over the same settings grid and queries."""
+    """Every searcher's recall@10 / queries/s curve over the same settings grid and queries.
+
+    Searchers are timed interleaved: for each setting, each repeat runs every searcher once in
+    turn, so a busy moment of a shared machine hits them alike and the ratios hold.
+    """
 
     def __init__(self, q, truth, grid, repeat, target):
         self.q, self.truth, self.grid, self.repeat, self.target = q, truth, grid, repeat, target
         self.curves = {}
 
-    def run(self, name, search):
-        rows = []
+    def run(self, searchers: dict):
+        """``searchers``: name -> ``search(queries, setting) -> ids``."""
         for setting in self.grid:
-            search(self.q[:512], setting)  # warm-up
-            secs, got = timed(lambda: search(self.q, setting), self.repeat)
-            rows.append({"setting": setting, "recall@10": recall(got, self.truth, 10), "qps": len(self.q) / secs})
-        self.curves[name] = rows
-        best = best_at(rows, self.target)
-        found = "none" if best is None else f"{best['qps']:,.0f} q/s ({best['recall@10']:.4f}, {best['setting']})"
-        print(f"{name}: best at recall >= {self.target}: {found}", flush=True)
+            best = {}
+            for name, search in searchers.items():
+                search(self.q[:512], setting)  # warm-up
+            for _ in range(self.repeat):
+                for name, search in searchers.items():
+                    secs, got = timed(lambda: search(self.q, setting))
+                    if secs < best.get(name, (float("inf"),))[0]:
+                        best[name] = (secs, got)
+            for name, (secs, got) in best.items():
+                self.curves.setdefault(name, []).append(
+                    {"setting": setting, "recall@10": recall(got, self.truth, 10), "qps": len(self.q) / secs})
+        for name, rows in self.curves.items():
+            b = best_at(rows, self.target)
+            found = "none" if b is None else f"{b['qps']:,.0f} q/s ({b['recall@10']:.4f}, {b['setting']})"
+            print(f"{name}: best at recall >= {self.target}: {found}", flush=True)
 
 
-def bench_unsharded(path, ids, sweeps):
-    """The one-shard memory's ScaNN searcher called raw, then through the memory."""
-    with Memory.open(path) as mem:
-        raw = mem.shards[0].index.searcher.searcher  # the pybind searcher behind the one-shard memory
-        n_leaves = mem.shards[0].entry.params["num_leaves"]
+def unsharded_searchers(mem, ids):
+    """The one-shard memory's ScaNN searcher called raw, and the same searcher through the memory."""
+    raw = mem.shards[0].index.searcher.searcher  # the pybind searcher behind the one-shard memory
+    n_leaves = mem.shards[0].entry.params["num_leaves"]
 
-        def raw_search(qq, s):
-            pos, _ = raw.search_batched(qq, 10, s["reorder"], s["leaves"], True, 256)
-            return ids[np.asarray(pos)]
+    def raw_search(qq, s):
+        pos, _ = raw.search_batched(qq, 10, s["reorder"], s["leaves"], True, 256)
+        return ids[np.asarray(pos)]
 
-        sweeps.run(f"raw ScaNN, unsharded ({n_leaves} leaves)", raw_search)
-        sweeps.run("memory, 1 shard", lambda qq, s: mem.search(qq, 10, leaves_to_search=s["leaves"],
-                                                                reorder=s["reorder"]).ids)
+    return {f"raw ScaNN, unsharded ({n_leaves} leaves)": raw_search,
+            "memory, 1 shard": lambda qq, s: mem.search(qq, 10, leaves_to_search=s["leaves"],
+                                                         reorder=s["reorder"]).ids}
 
 
 def routing_ceiling(x, q, truth_rows, centroids, cell_partitions, probes, label):
@@ -140,16 +163,15 @@ def routing_ceiling(x, q, truth_rows, centroids, cell_partitions, probes, label)
     return ceiling
 
 
-def bench_routed(args, path, cells, x, q, truth_rows, sweeps, ceiling):
-    """A k-means memory: its routing ceiling, then a sweep per ``probe_shards`` value."""
-    with Memory.open(path) as mem:
-        part = mem.manifest.partitioning
-        cent, cellp = np.asarray(part.centroids, np.float32), part.cell_partitions
-        ceiling.update(routing_ceiling(x, q, truth_rows, cent, cellp, args.probes, f"cells {cells}"))
-        for p in args.probes:
-            sweeps.run(f"k-means {args.shards} shards / {cells} cells, P={p}",
-                       lambda qq, s, p=p: mem.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"],
-                                                    probe_shards=p).ids)
+def routed_searchers(args, mem, cells, x, q, truth_rows, ceiling):
+    """A k-means memory: its routing ceiling, and one searcher per ``probe_shards`` value."""
+    part = mem.manifest.partitioning
+    cent, cellp = np.asarray(part.centroids, np.float32), part.cell_partitions
+    ceiling.update(routing_ceiling(x, q, truth_rows, cent, cellp, args.probes, f"cells {cells}"))
+    return {f"k-means {args.shards} shards / {cells} cells, P={p}":
+            (lambda qq, s, p=p: mem.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"],
+                                           probe_shards=p).ids)
+            for p in args.probes}
 
 
 def print_report(res, target):
@@ -185,9 +207,17 @@ def main(argv=None):
     res = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "queries": args.queries, "shards": args.shards,
            "target": args.target, "curves": sweeps.curves, "ceiling": {},
            "build_s": build_memories(args, work, x, labels, ids)}
-    bench_unsharded(os.path.join(work, "one"), ids, sweeps)
-    for c in args.cells:
-        bench_routed(args, os.path.join(work, f"kmeans-{c}"), c, x, q, truth_rows, sweeps, res["ceiling"])
+    with contextlib.ExitStack() as stack:
+        one = stack.enter_context(Memory.open(os.path.join(work, "one")))
+        searchers = unsharded_searchers(one, ids)
+        if args.hashed:
+            hashed = stack.enter_context(Memory.open(os.path.join(work, f"hashed-{args.shards}")))
+            searchers[f"hashed {args.shards} shards, all searched"] = \
+                lambda qq, s: hashed.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"]).ids
+        for c in args.cells:
+            mem = stack.enter_context(Memory.open(os.path.join(work, f"kmeans-{c}")))
+            searchers.update(routed_searchers(args, mem, c, x, q, truth_rows, res["ceiling"]))
+        sweeps.run(searchers)
     res["best"] = {n: best_at(curve, args.target) for n, curve in res["curves"].items()}
     write_json(args.out, res)
     print_report(res, args.target)

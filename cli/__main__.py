@@ -1,6 +1,4 @@
 """``python -m cli VERB ...``: the ``vismem`` command without its console script."""
-import sys
+from cli.main import run
 
-from cli.main import main
-
-sys.exit(main())
+run()

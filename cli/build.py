@@ -1,7 +1,9 @@
 """``vismem build``, ``add`` and ``compact``: the verbs that run a Beam job over a memory's shards."""
 from __future__ import annotations
 
-from cli.common import CLASS_NAMES_HELP, class_names
+import argparse
+
+from cli.common import CLASS_NAMES_HELP, class_names, count, finite, non_negative_int, output_folder
 
 BEAM_HELP = (
     "Beam options go after the verb's own (or after --), each checked against Beam's option list before "
@@ -22,6 +24,18 @@ def _scann_overrides(a) -> dict:
         "anisotropic_quantization_threshold": a.scann_aq_threshold}.items() if v is not None}
 
 
+def _target_recall(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a recall in (0, 1] or 'off', got {text!r}")
+    return value
+
+
 def _norm_tolerance(v: float) -> float | None:
     return None if v < 0 else v
 
@@ -29,9 +43,11 @@ def _norm_tolerance(v: float) -> float | None:
 def _run_build(a) -> dict:
     from pipelines.build import build_memory
 
+    output_folder(a.out, "the memory folder")
     return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
                         partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
-                        storage_dtype=a.storage_dtype, norm_tolerance=_norm_tolerance(a.norm_tolerance),
+                        storage=a.storage, target_recall=a.target_recall, tuning_queries=a.tuning_queries,
+                        norm_tolerance=_norm_tolerance(a.norm_tolerance),
                         dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
                         pipeline_args=a.beam_args)
 
@@ -63,21 +79,30 @@ def add_build(sub) -> None:
     )
     b.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob (local or gs://)")
     b.add_argument("out", help="memory directory or gs:// URL to create")
-    b.add_argument("--num-shards", type=int, required=True, help="number of shards (partitions)")
+    b.add_argument("--num-shards", type=count, required=True, help="number of shards (partitions)")
     b.add_argument("--class-names", required=True, help="class names: " + CLASS_NAMES_HELP)
     b.add_argument("--partition", choices=("hash", "kmeans"), default="hash",
                    help="hash: by id, stable (default); kmeans: by nearest centroid, enabling --probe-shards routing")
     b.add_argument("--backend", choices=("scann", "exact"), default="scann", help="index backend (default scann)")
-    b.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32",
-                   help="stored vector precision (default float32)")
-    b.add_argument("--dim", type=int, default=None, help="embedding dimension (default: the inputs' majority)")
-    b.add_argument("--norm-tolerance", type=float, default=0.01,
+    b.add_argument("--storage", "--storage-dtype", dest="storage", choices=("float32", "float16", "int8", "codes"),
+                   default="float32",
+                   help="how vectors are stored: float32 (default); float16 (ScaNN reorders on bfloat16); int8 "
+                        "(per-vector scaled; ScaNN reorders on its int8); codes (ScaNN only: searches on its "
+                        "4-bit-per-dimension hashing codes alone, keeping a 4-bit copy on disk for rebuilds)")
+    b.add_argument("--target-recall", type=_target_recall, default=0.95,
+                   help="tune each ScaNN shard's leaves searched and candidates reordered to this recall@10 "
+                        "against brute force, measured on a sample of its items (default 0.95; 'off': keep "
+                        "the defaults); the measured recall is recorded per shard (vismem info)")
+    b.add_argument("--tuning-queries", default=None,
+                   help="embedding shards of real queries (a file, folder or glob) to tune on as well")
+    b.add_argument("--dim", type=count, default=None, help="embedding dimension (default: the inputs' majority)")
+    b.add_argument("--norm-tolerance", type=finite, default=0.01,
                    help="reject rows whose L2 norm is further than this from 1 (negative: accept any non-zero norm)")
-    b.add_argument("--kmeans-sample", type=int, default=100_000, help="rows sampled to train k-means centroids")
-    b.add_argument("--kmeans-cells", type=int, default=None,
+    b.add_argument("--kmeans-sample", type=count, default=100_000, help="rows sampled to train k-means centroids")
+    b.add_argument("--kmeans-cells", type=count, default=None,
                    help="k-means cells, grouped into the shards (default: 16 per shard); a query visits the "
                         "shards of its nearest cells, so more cells route more precisely")
-    b.add_argument("--seed", type=int, default=0, help="k-means seed")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="k-means seed")
     _add_scann_overrides(b)
     b.set_defaults(func=_run_build)
 
@@ -86,12 +111,12 @@ def _add_scann_overrides(b) -> None:
     g = b.add_argument_group("ScaNN overrides (default: chosen from each shard's size)")
     g.add_argument("--scann-brute-force", choices=("auto", "yes", "no"), default="auto",
                    help="auto: brute force below 20k items per shard")
-    g.add_argument("--scann-num-leaves", type=int, help="tree leaves (default about sqrt(n))")
-    g.add_argument("--scann-leaves-to-search", type=int, help="leaves searched per query (default 5%% of leaves)")
-    g.add_argument("--scann-reorder", type=int, help="candidates re-scored exactly (default 100)")
-    g.add_argument("--scann-training-sample-size", type=int, help="rows used to train the tree")
-    g.add_argument("--scann-dims-per-block", type=int, help="asymmetric hashing dimensions per block (default 2)")
-    g.add_argument("--scann-aq-threshold", type=float, help="anisotropic quantization threshold (default 0.2)")
+    g.add_argument("--scann-num-leaves", type=count, help="tree leaves (default about sqrt(n))")
+    g.add_argument("--scann-leaves-to-search", type=count, help="leaves searched per query (default 5%% of leaves)")
+    g.add_argument("--scann-reorder", type=count, help="candidates re-scored exactly (default 100)")
+    g.add_argument("--scann-training-sample-size", type=count, help="rows used to train the tree")
+    g.add_argument("--scann-dims-per-block", type=count, help="asymmetric hashing dimensions per block (default 2)")
+    g.add_argument("--scann-aq-threshold", type=finite, help="anisotropic quantization threshold (default 0.2)")
 
 
 def add_add(sub) -> None:
@@ -107,7 +132,7 @@ def add_add(sub) -> None:
     a.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob")
     a.add_argument("--class-names", default=None, help="the memory's classes followed by new ones: " + CLASS_NAMES_HELP)
     a.add_argument("--readmit", action="store_true", help="accept ids that were removed (unlearned) before")
-    a.add_argument("--norm-tolerance", type=float, default=0.01, help="as for build")
+    a.add_argument("--norm-tolerance", type=finite, default=0.01, help="as for build")
     a.set_defaults(func=_run_add)
 
 

@@ -5,9 +5,10 @@ import argparse
 import collections
 import difflib
 import json
+import math
 import sys
 
-from memory import storage
+from memory import output_paths, storage
 
 # The one meaning of --class-names, in every verb's help.
 CLASS_NAMES_HELP = "a,b,c, or a file: one name per line, or JSON (a list, or an embed run's summary.json)"
@@ -58,6 +59,85 @@ class VerbParser(argparse.ArgumentParser):
         return ""
 
 
+# Argument types: a number out of range is refused by the parser, before any work, naming the option.
+def count(text: str) -> int:
+    """An integer >= 1 (sizes, k, shards, batch sizes, versions)."""
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def finite(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    value = _number(text, float, "a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """A comma list of integers >= 0, e.g. ``2,4,8``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of integers such as 2,4,8, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be integers >= 0, got {text!r}")
+    return values
+
+
+def _number(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def output_file(path: str, option: str) -> str:
+    """``path`` after checking it can be written as a file (memory.output_paths), for ``option``."""
+    output_paths.check_file(path, option)
+    return path
+
+
+def output_folder(path: str, option: str) -> str:
+    """``path`` after checking it is, or can be made, a folder (memory.output_paths), for ``option``."""
+    output_paths.check_folder(path, option)
+    return path
+
+
 def class_names(value: str | None) -> list[str] | None:
     """The one meaning of ``--class-names``: an inline list ``a,b,c``, or a file holding the names.
 
@@ -67,6 +147,8 @@ def class_names(value: str | None) -> list[str] | None:
     """
     if value is None:
         return None
+    if not value.strip():
+        raise ValueError("--class-names is empty; give a,b,c or a file of class names")
     if "," not in value and (storage.exists(value) or "/" in value or value.endswith(_PATH_SUFFIXES)):
         return _checked(_names_from_file(value), f"--class-names: {value}")
     return comma_names(value, "--class-names")

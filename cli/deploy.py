@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from cli.common import print_json
@@ -19,9 +20,18 @@ examples:
   curl -s localhost:8000/v1/admin/remove -H "Authorization: Bearer $VISMEM_ADMIN_TOKEN" \\
        -H 'content-type: application/json' -d '{"ids": ["fmnist/train/123"], "reason": "GDPR 42"}'
 
-OpenAPI schema: /openapi.json (interactive docs: /docs). Python client: deploy.client.VismemClient.
+OpenAPI schema: /openapi.json (interactive docs: /docs); it carries this memory's dimension and the
+server's limits, and every error answer is {"error": "..."}. Python client: deploy.client.VismemClient.
 A newer published version (vismem add/remove/compact anywhere) is picked up within --poll-s seconds
-without dropping requests.
+without dropping requests; an admin change is served before its 200 answer.
+
+--version N pins the server to version N: it serves N and nothing else until it stops, and its admin
+endpoints answer 409 (a pin is a promise of a fixed version; nothing it acknowledged could be left
+unserved). Items removed elsewhere (vismem remove) are still served by a pinned server: pin for
+reproducible evaluation, not where unlearning must take effect.
+Every server holds a reader lease on the version it serves, renewed every --lease-s/3 seconds, so
+'vismem gc' never deletes its files. With --encoder, the encoder is loaded at start and must match
+the memory's (name, version, image size, preprocessing); a mismatch is refused, both sides named.
 """
 
 SUBMIT_EPILOG = """\
@@ -42,9 +52,24 @@ before anything is sent).
 CLUSTER_HELP = "Ray dashboard address, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)"
 
 
+def _check_serve_args(a) -> None:
+    """One-line errors (exit 2) for flags out of range, before anything is loaded."""
+    if not 1 <= a.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {a.port}")
+    for flag in ("max_batch", "max_k", "max_body_mb", "version", "image_size"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag in ("poll_s", "lease_s"):
+        value = getattr(a, flag)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
 def _run_serve(a) -> None:
     from deploy.serving import Limits, serve
 
+    _check_serve_args(a)
     limits = Limits(max_body_bytes=a.max_body_mb * 1024 * 1024, max_batch=a.max_batch, max_k=a.max_k)
     serve(a.memory, host=a.host, port=a.port, allow_remote=a.allow_remote, admin_token_file=a.admin_token_file,
           version=a.version, encoder=a.encoder, image_size=a.image_size, poll_s=a.poll_s, limits=limits,
@@ -116,18 +141,21 @@ def add_serve(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--allow-remote", action="store_true", help="allow a --host reachable from other machines")
-    s.add_argument("--version", type=int, default=None, help="pin this version (default: latest, followed)")
+    s.add_argument("--version", type=int, default=None,
+                   help="pin this version: serve it only, refuse admin changes with 409 (default: the latest, "
+                   "followed)")
     s.add_argument("--poll-s", type=float, default=2.0, help="seconds between checks for a newer version (0: never)")
     s.add_argument("--encoder", default=None,
                    help="accept images too, embedded with this encoder (e.g. efficientnet-lite0)")
-    s.add_argument("--image-size", type=int, default=None, help="encoder input size (default: the encoder's)")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="encoder input size (default: the memory's, else the encoder's); must match the memory's")
     s.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token")
     s.add_argument("--max-batch", type=int, default=256, help="queries per request (default 256)")
     s.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask (default 1000)")
     s.add_argument("--max-body-mb", type=int, default=16, help="largest request body in MiB (default 16)")
     s.add_argument("--lease-s", type=float, default=600.0,
-                   help="hold a renewed reader lease on the served version so 'vismem gc' keeps it (0: none, "
-                   "for read-only storage)")
+                   help="hold a reader lease on the served version, renewed every LEASE_S/3 seconds, so "
+                   "'vismem gc' keeps it (default 600; 0: none, for read-only storage)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=_run_serve)
 

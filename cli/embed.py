@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cli.common import count, fraction, non_negative, output_file, output_folder
+
 EMBED_EPILOG = """\
 sources (local path or gs:// URL; the kind is detected, or pass --source-kind):
   fashion-mnist | DIR with {train,t10k}-images-idx3-ubyte[.gz]   IDX (MNIST family), human labels
@@ -32,6 +34,7 @@ def _run_embed(a) -> dict:
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.sources import SourceSpec
 
+    output_folder(a.out, "the output folder")
     spec = SourceSpec(a.source, kind=a.source_kind, name=a.source_name or "", split=a.split,
                       shard_size=a.shard_size, limit=a.limit, unlabelled_fraction=a.unlabelled_fraction,
                       image_column=a.image_column, label_column=a.label_column)
@@ -46,6 +49,7 @@ def _run_embed(a) -> dict:
 def _run_probe(a) -> dict:
     from pipelines.probe import fit_probe_from_shards
 
+    output_file(a.out, "--out")
     return fit_probe_from_shards(a.shards, a.out, l2=a.l2, max_iter=a.max_iter)
 
 
@@ -61,31 +65,31 @@ def add_embed(sub) -> None:
     p.add_argument("--encoder", default="efficientnet-lite0",
                    help="efficientnet-lite0|1|2, dinov2-vits14|vitb14|vitl14|vitg14, clip-vit-b32|b16|l14, "
                    "dinov2:PATH or clip:PATH (local Hugging Face folders; nothing is downloaded)")
-    p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the encoder's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=count, help="encoder input size in pixels (default: the encoder's)")
+    p.add_argument("--batch-size", type=count, default=64, help="images per encoder call")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding type")
     p.add_argument("--teacher", help="efficientnet-lite0|1|2 (ImageNet head; needs --label-map) or probe:PATH")
     p.add_argument("--label-map", help="JSON {teacher class: memory class}; unmapped teacher classes are excluded")
-    p.add_argument("--min-confidence", type=float, default=0.0, help="drop pseudo-labels below this probability")
+    p.add_argument("--min-confidence", type=fraction, default=0.0, help="drop pseudo-labels below this probability")
     _add_embed_cluster_options(p)
     _add_embed_source_options(p)
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (after JPEG draft)")
+    p.add_argument("--max-pixels", type=count, default=100_000_000, help="refuse larger images (after JPEG draft)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_embed)
 
 
 def _add_embed_cluster_options(p) -> None:
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local instance)")
-    p.add_argument("--num-workers", type=int, help="encoder actors (default: GPUs, else CPUs // 4, at least 1)")
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default: CPUs // workers)")
+    p.add_argument("--num-workers", type=count, help="encoder actors (default: GPUs, else CPUs // 4, at least 1)")
+    p.add_argument("--threads-per-worker", type=count, help="torch threads per actor (default: CPUs // workers)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
 def _add_embed_source_options(p) -> None:
-    p.add_argument("--limit", type=int, help="only the first N images of the source")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per input shard (IDX, folder, Parquet)")
+    p.add_argument("--limit", type=count, help="only the first N images of the source")
+    p.add_argument("--shard-size", type=count, default=1000, help="images per input shard (IDX, folder, Parquet)")
     p.add_argument("--split", default="train", help="IDX split: train or test")
-    p.add_argument("--unlabelled-fraction", type=float, default=0.0,
+    p.add_argument("--unlabelled-fraction", type=fraction, default=0.0,
                    help="hide this fraction of human labels (chosen by id); they are kept aside to score teachers")
     p.add_argument("--source-kind", default="auto", choices=("auto", "idx", "folder", "webdataset", "parquet"))
     p.add_argument("--source-name", help="prefix of the ids (default: the source folder's name)")
@@ -103,6 +107,6 @@ def add_probe(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("shards", help="an embedding run folder (OUT of vismem embed) or one shard file")
     q.add_argument("--out", required=True, help="where to save the probe (.npz, local or gs://)")
-    q.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on the weights")
-    q.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations")
+    q.add_argument("--l2", type=non_negative, default=1e-4, help="L2 penalty on the weights")
+    q.add_argument("--max-iter", type=count, default=200, help="L-BFGS iterations")
     q.set_defaults(func=_run_probe)

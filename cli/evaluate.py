@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from cli.common import CLASS_NAMES_HELP, class_names, comma_names
+from cli.common import (CLASS_NAMES_HELP, class_names, comma_names, count, fraction, int_list, non_negative_int,
+                        output_folder)
 
 EXPERIMENT_EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
@@ -47,19 +49,21 @@ def add_eval(sub) -> None:
     )
     p.add_argument("memory", help="memory directory or gs:// URL")
     p.add_argument("queries", help="embedding shard (Parquet) of labelled query embeddings")
-    p.add_argument("--out", required=True, help="output directory for report.md, metrics.jsonl, plots")
-    p.add_argument("--k-max", type=int, default=100, help="neighbours retrieved once per query (default 100)")
+    p.add_argument("--out", required=True,
+                   help="output folder for report.md, metrics.jsonl, plots (created only when the run succeeds)")
+    p.add_argument("--k-max", type=count, default=100,
+                   help="neighbours retrieved once per query (default 100; at most the memory's live items)")
     p.add_argument("--ood", default=None, help="embedding shard of out-of-distribution queries (distances plot)")
-    p.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
+    p.add_argument("--batch-size", type=count, default=4096, help="queries per search batch")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the held-out split")
+    p.add_argument("--version", type=count, default=None, help="memory version to pin (default latest)")
     p.add_argument("--rerank-endpoint", default=None,
                    help="chat-completions URL of a vision-language model to re-rank neighbours (key from "
                    "$VISMEM_RERANK_API_KEY)")
     p.add_argument("--rerank-model", default=None, help="model name sent to the re-ranker")
-    p.add_argument("--rerank-k", type=int, default=50, help="neighbours shown to the re-ranker")
-    p.add_argument("--rerank-queries", type=int, default=200, help="queries sent to the re-ranker")
-    p.add_argument("--probe-shards", type=int, default=None,
+    p.add_argument("--rerank-k", type=count, default=50, help="neighbours shown to the re-ranker")
+    p.add_argument("--rerank-queries", type=count, default=200, help="queries sent to the re-ranker")
+    p.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in its P nearest shards (default: all)")
     p.add_argument("--ray-address", default=None,
                    help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
@@ -77,6 +81,7 @@ def _scaling(a, memory, queries, names) -> dict:
             if not sep or paths.count(",") != 1:
                 raise ValueError(f"--compare takes LABEL=MEMORY,QUERIES, got {spec!r}")
             mem_path, q_path = paths.split(",")
+            _check_same_encoder(mem_path, q_path)
             series[label] = (common.read_split(mem_path), common.read_split(q_path), None)
         common.write_part(a.out, "scaling-encoders", scaling.compare_encoders(series, names, k=a.k, method=a.method))
     return result
@@ -85,8 +90,7 @@ def _scaling(a, memory, queries, names) -> dict:
 def _pruning(a, memory, queries, names) -> dict:
     from eval.experiments import pruning
 
-    return pruning.run(memory, queries, names, k=a.k, self_k=a.self_k,
-                       hard_thresholds=[int(t) for t in a.thresholds.split(",")])
+    return pruning.run(memory, queries, names, k=a.k, self_k=a.self_k, hard_thresholds=a.thresholds)
 
 
 def _new_classes(a, memory, queries, names) -> dict:
@@ -98,23 +102,53 @@ def _new_classes(a, memory, queries, names) -> dict:
             raise ValueError("--extra-memory, --extra-queries and --extra-names go together")
         extra = (common.read_split(a.extra_memory), common.read_split(a.extra_queries),
                  comma_names(a.extra_names, "--extra-names"))
-    return new_classes.run(memory, queries, names, comma_names(a.new, "--new"), k=a.k, extra=extra)
+    new = _names_in(names, comma_names(a.new, "--new"), "--new")
+    return new_classes.run(memory, queries, names, new, k=a.k, extra=extra)
 
 
 def _granularity(a, memory, queries, names) -> dict:
     from eval import hierarchy
     from eval.experiments import granularity
 
+    _names_in(names, [a.held_out], "--held-out")
+    if not os.path.isfile(a.tree):
+        raise ValueError(f"--tree: no such file: {a.tree} (a class tree JSON, e.g. eval/trees/fashion_mnist.json)")
     tree = hierarchy.load_tree(a.tree, names)
     return granularity.run(memory, queries, names, tree, a.held_out,
-                           exemplars=[int(e) for e in a.exemplars.split(",")], max_queries=a.max_queries)
+                           exemplars=a.exemplars, max_queries=a.max_queries)
 
 
 def _unlearning(a, memory, queries, names) -> dict:
     from eval.experiments import unlearning
 
+    if not 0 < a.forget_fraction < 1:
+        raise ValueError(f"--forget-fraction must be between 0 and 1 (exclusive), got {a.forget_fraction}")
     return unlearning.run(memory, queries, names, forget_fraction=a.forget_fraction, k=a.k,
                           num_shards=a.num_shards)
+
+
+def _labelled(split, path: str, what: str):
+    if len(split) == 0:
+        raise ValueError(f"the {what} at {path} hold no labelled rows (label >= 0)")
+    return split
+
+
+def _check_same_encoder(memory: str, queries: str) -> None:
+    """Memory and query shards of one experiment must come from one encoder (memory.encoder_spec)."""
+    from memory.query import shards_encoder
+
+    m, q = shards_encoder(memory), shards_encoder(queries)
+    if m is not None and q is not None and m.differences(q):
+        raise ValueError(f"the memory shards {memory} and the queries {queries} come from different encoders: "
+                         f"encoders differ in {', '.join(m.differences(q))}: {m.describe()} vs {q.describe()}")
+
+
+def _names_in(names: list, wanted: list, option: str) -> list:
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ValueError(f"{option} names {', '.join(map(repr, unknown))}, not among the classes "
+                         f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+    return wanted
 
 
 EXPERIMENTS = {"scaling": _scaling, "pruning": _pruning, "new-classes": _new_classes,
@@ -124,11 +158,16 @@ EXPERIMENTS = {"scaling": _scaling, "pruning": _pruning, "new-classes": _new_cla
 def _run_experiment(a) -> dict:
     from eval.experiments import common
 
+    output_folder(a.out, "--out")
     names = class_names(a.class_names)
-    memory = common.read_split(a.memory)
-    queries = common.read_split(a.queries)
+    _check_same_encoder(a.memory, a.queries)
+    memory = _labelled(common.read_split(a.memory), a.memory, "memory")
+    queries = _labelled(common.read_split(a.queries), a.queries, "queries")
+    top = int(max(memory.labels.max(), queries.labels.max()))
     if names is None:
-        names = [str(i) for i in range(int(max(memory.labels.max(), queries.labels.max())) + 1)]
+        names = [str(i) for i in range(top + 1)]
+    elif top >= len(names):
+        raise ValueError(f"labels reach {top}, but --class-names names {len(names)} classes")
     result = EXPERIMENTS[a.experiment](a, memory, queries, names)
     path = common.write_part(a.out, a.experiment, result)
     return {"experiment": a.experiment, "report": path}
@@ -140,7 +179,7 @@ def _common(p) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--class-names", default=None,
                    help=CLASS_NAMES_HELP + " (default 0..C-1)")
-    p.add_argument("--k", type=int, default=10, help="neighbours that vote (default 10)")
+    p.add_argument("--k", type=count, default=10, help="neighbours that vote (default 10)")
 
 
 def add_experiment(sub) -> None:
@@ -152,8 +191,9 @@ def add_experiment(sub) -> None:
     _add_scaling(exp)
     pr = exp.add_parser("pruning", help="hard and soft memory pruning for every voting rule")
     _common(pr)
-    pr.add_argument("--self-k", type=int, default=10, help="neighbours per self-query that count")
-    pr.add_argument("--thresholds", default="2,4,8,16", help="hard-pruning thresholds on v")
+    pr.add_argument("--self-k", type=count, default=10, help="neighbours per self-query that count")
+    pr.add_argument("--thresholds", type=int_list, default=[2, 4, 8, 16], help="hard-pruning thresholds on v "
+                    "(comma list, default 2,4,8,16)")
     nc = exp.add_parser("new-classes", help="accuracy on old classes before and after inserting new ones")
     _common(nc)
     nc.add_argument("--new", required=True, help="comma list of classes held out, then inserted")
@@ -163,8 +203,8 @@ def add_experiment(sub) -> None:
     _add_granularity(exp)
     u = exp.add_parser("unlearning", help="remove a forget set; check it is never retrieved again")
     _common(u)
-    u.add_argument("--forget-fraction", type=float, default=0.05)
-    u.add_argument("--num-shards", type=int, default=4)
+    u.add_argument("--forget-fraction", type=fraction, default=0.05, help="share of memory items forgotten")
+    u.add_argument("--num-shards", type=count, default=4)
     p.set_defaults(func=_run_experiment)
 
 
@@ -183,5 +223,6 @@ def _add_granularity(exp) -> None:
     _common(g)
     g.add_argument("--tree", required=True, help="class tree JSON (see eval/trees/fashion_mnist.json)")
     g.add_argument("--held-out", required=True, help="the newly discovered class")
-    g.add_argument("--exemplars", default="0,1,2,5,10,20,50")
-    g.add_argument("--max-queries", type=int, default=100)
+    g.add_argument("--exemplars", type=int_list, default=[0, 1, 2, 5, 10, 20, 50],
+                   help="exemplars of the new class inserted, per step (comma list)")
+    g.add_argument("--max-queries", type=count, default=100)

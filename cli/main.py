@@ -1,19 +1,23 @@
 """``vismem``: the parser of every verb, and the entry that runs one and prints its JSON result."""
 from __future__ import annotations
 
+from cli.exits import exit_with  # first: its exit handler must be registered before any other
+
 import logging
 import os
 import sys
 
-from cli import build, demo, deploy, embed, evaluate, manage
+from cli import build, demo, deploy, embed, evaluate, manage, plan
 from cli.common import VerbParser, print_json
+from memory.manifest import ConcurrentUpdate
 
 # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
 VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, build.add_compact,
          manage.add_versions, manage.add_gc, manage.add_query, manage.add_info, evaluate.add_eval,
-         evaluate.add_experiment, deploy.add_serve, deploy.add_submit, deploy.add_jobs, demo.add_demo)
+         evaluate.add_experiment, deploy.add_serve, deploy.add_submit, deploy.add_jobs, plan.add_plan, demo.add_demo)
 # A verb failing on its input says so in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# ConcurrentUpdate: other writers kept winning the race to publish (after the library's retries).
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ConcurrentUpdate)
 
 
 def build_parser() -> VerbParser:
@@ -49,3 +53,14 @@ def main(argv=None) -> int:
         return 2
     return 0
 
+
+
+def run() -> None:
+    """The console script: run one verb and leave with its status."""
+    try:
+        status = main()
+    except SystemExit as exc:  # argparse's usage errors and --help
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    exit_with(status)

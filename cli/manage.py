@@ -1,6 +1,7 @@
 """``vismem query``, ``info``, ``remove``, ``versions`` and ``gc``: operations on a memory in place."""
 from __future__ import annotations
 
+from cli.common import count, finite, positive
 from memory import voting
 
 
@@ -47,16 +48,18 @@ def add_query(sub) -> None:
     )
     q.add_argument("memory", help="memory directory or gs:// URL")
     q.add_argument("queries", help="embedding shard(s) with the query embeddings: a Parquet file, a folder, or a glob")
-    q.add_argument("--k", type=int, default=50, help="neighbours that vote (default 50)")
+    q.add_argument("--k", type=count, default=50,
+                   help="neighbours that vote (default 50; at most the memory's live items)")
     q.add_argument("--method", choices=voting.METHODS, default="rank", help="voting rule (default rank)")
-    q.add_argument("--alpha", type=float, default=2.0, help="rank voting offset: w = 1/(alpha + rank)")
-    q.add_argument("--tau", type=float, default=0.07, help="softmax voting temperature")
-    q.add_argument("--xi", type=float, default=1.0, help="distance voting exponent")
-    q.add_argument("--version", type=int, default=None, help="memory version to pin (default latest)")
-    q.add_argument("--batch-size", type=int, default=4096, help="queries per search batch")
-    q.add_argument("--probe-shards", type=int, default=None,
+    q.add_argument("--alpha", type=positive, default=2.0, help="rank voting offset: w = 1/(alpha + rank)")
+    q.add_argument("--tau", type=positive, default=0.07, help="softmax voting temperature")
+    q.add_argument("--xi", type=finite, default=1.0, help="distance voting exponent")
+    q.add_argument("--version", type=count, default=None, help="memory version to pin (default latest)")
+    q.add_argument("--batch-size", type=count, default=4096, help="queries per search batch")
+    q.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in the P shards holding its most similar k-means cells")
-    q.add_argument("--out", default=None, help="write predictions + neighbours to this Parquet file")
+    q.add_argument("--out", default=None,
+                   help="write predictions + neighbours to this Parquet file (a file path, not a folder)")
     q.set_defaults(func=_run_query)
 
 
@@ -64,7 +67,7 @@ def add_info(sub) -> None:
     i = sub.add_parser("info", help="show a memory's manifest summary",
                        description="Print a memory's version, format, backend, classes and shards as JSON.")
     i.add_argument("memory", help="memory directory or gs:// URL")
-    i.add_argument("--version", type=int, default=None, help="version (default latest)")
+    i.add_argument("--version", type=count, default=None, help="version (default latest)")
     i.set_defaults(func=_run_info)
 
 
@@ -74,12 +77,14 @@ def add_remove(sub) -> None:
         description="Record removed items in a new version of MEMORY (tombstones + forget list, checksummed) "
         "before returning. Every Memory.open from then on excludes them and still returns k neighbours; "
         "'vismem compact' later rewrites the shards without them; 'vismem add' refuses their ids unless "
-        "--readmit.",
+        "--readmit. Safe to run beside other writers: it is derived from the latest version and derived again "
+        "when another change publishes first. Refused (nothing published): an empty id file, a class or source "
+        "no item has. Selected items that are already removed publish nothing (\"changed\": false).",
         epilog="example: vismem remove /data/fmnist-memory --ids forget-me.txt --reason 'GDPR request 42'",
     )
     r.add_argument("memory", help="memory directory or gs:// URL")
     which = r.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ids", help="file of ids: one per line, or Parquet with an 'id' column")
+    which.add_argument("--ids", help="file of ids: one per line (UTF-8), or Parquet with an 'id' column")
     which.add_argument("--label", help="remove every item of this class name")
     which.add_argument("--source", help="remove every item from this source (dataset name)")
     r.add_argument("--reason", default=None, help="why (kept in the forget list)")
@@ -100,7 +105,8 @@ def add_gc(sub) -> None:
                         description="Keep the newest N versions, the current one and every version a reader "
                         "holds a lease on (Memory.open(..., lease_s=...)); delete the other manifests, then "
                         "every shard folder and state file no kept version uses, and leftovers of builds "
-                        "that never published.",
+                        "that never published. Safe beside running writers: a version published while gc runs "
+                        "keeps what it uses, and a running add or compact holds its parent and its folders.",
                         epilog="example: vismem gc /data/fmnist-memory --keep 3 --dry-run")
     gc.add_argument("memory", help="memory directory or gs:// URL")
     gc.add_argument("--keep", type=int, required=True, help="newest versions to keep (>= 1)")

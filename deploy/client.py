@@ -67,23 +67,30 @@ class VismemClient:
         return {"images": [base64.b64encode(b).decode() for b in images]}
 
     def classify(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 50, method: str = "rank",
-                 neighbours: bool = True, **voting) -> dict:
+                 neighbours: bool = True, encoder: dict | None = None, **voting) -> dict:
         """``{version, method, k, results: [{label, label_index, scores, neighbours}]}``, one result per query.
 
         ``images`` are encoded image files (PNG/JPEG bytes), for a server started with ``--encoder``;
         ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``, and ``probe_shards`` (k-means memories).
+        ``encoder`` (``EncoderSpec.to_manifest()``) says how the embeddings were made: the server
+        refuses them (409) when that differs from the memory's encoder.
         """
         body = {**self._queries(embeddings, images), "k": k, "method": method, "neighbours": neighbours, **voting}
+        if encoder is not None:
+            body["encoder"] = dict(encoder)
         return self._call("POST", "/v1/classify", body)
 
     def neighbors(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 10,
-                  probe_shards: int | None = None) -> dict:
+                  probe_shards: int | None = None, encoder: dict | None = None) -> dict:
         """``{version, neighbours: [[{id, label, label_name, sim}, ...], ...]}``, best first.
 
-        ``probe_shards``: on a k-means memory, search only the P shards nearest each query."""
+        ``probe_shards``: on a k-means memory, search only the P shards nearest each query;
+        ``encoder``: as in :meth:`classify`."""
         body = {**self._queries(embeddings, images), "k": k}
         if probe_shards is not None:
             body["probe_shards"] = probe_shards
+        if encoder is not None:
+            body["encoder"] = dict(encoder)
         return self._call("POST", "/v1/neighbors", body)
 
     def add_items(self, ids, embeddings, labels, *, class_names=None, readmit: bool = False, sources=None) -> dict:

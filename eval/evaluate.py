@@ -17,8 +17,10 @@ import time
 import numpy as np
 
 from eval import images, metrics, plots
-from memory import schema, voting
+from memory import manifest as mf
+from memory import output_paths, voting
 from memory.memory import Memory
+from memory.query import check_k, positive_ints, read_queries, search_batch
 
 SWEEPS = {
     "rank": ("alpha", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)),
@@ -35,10 +37,10 @@ def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int
     (``probe_shards``: routed search on a k-means memory)."""
     from tqdm import tqdm
 
-    parts = []
-    for start in tqdm(range(0, len(embeddings), batch_size), desc="retrieve", unit="batch",
-                      disable=len(embeddings) <= batch_size):
-        nb = memory.search(embeddings[start:start + batch_size], k_max, probe_shards=probe_shards)
+    parts, step = [], search_batch(batch_size, k_max)
+    for start in tqdm(range(0, len(embeddings), step), desc="retrieve", unit="batch",
+                      disable=len(embeddings) <= step):
+        nb = memory.search(embeddings[start:start + step], k_max, probe_shards=probe_shards)
         parts.append((nb.labels, nb.sims, nb.weights))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
@@ -101,16 +103,22 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     With ``probe_shards`` (a k-means memory) each query searches only its nearest shards, so the
     report shows what routing costs in accuracy.
     """
-    q, truth, uris = _labelled_queries(queries_path)
-    os.makedirs(out_dir, exist_ok=True)
-    with Memory.open(memory_path, version, hosts=_hosts(ray_address)) as mem:
-        got = _retrieve_all(mem, q, truth, k_max, batch_size, probe_shards, ood_queries_path)
+    positive_ints(k_max=k_max, batch_size=batch_size, rerank_k=rerank_k, rerank_queries=rerank_queries)
+    output_paths.check_folder(out_dir, "--out")
+    manifest = mf.read_manifest(memory_path, version)
+    q, truth, uris = _labelled_queries(queries_path, manifest, memory_path)
+    check_k(k_max, manifest, memory_path, "k-max")
+    ood = None if not ood_queries_path else read_queries(
+        ood_queries_path, manifest, memory_path, what="out-of-distribution queries", check_labels=False)["embeddings"]
+    with Memory.open(memory_path, manifest.version, hosts=_hosts(ray_address)) as mem:
+        got = _retrieve_all(mem, q, truth, k_max, batch_size, probe_shards, ood)
         reranked = None
         if reranker is not None:
             n = rerank_queries
             reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max))
     scores = score(got, truth, k_max)
     best, honest = choose(got, scores.acc, truth, seed)
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
     _write_metrics(out_dir, _records(scores, best, honest, timing, reranked))
@@ -154,9 +162,10 @@ class Scores:
     seconds: float
 
 
-def _labelled_queries(queries_path: str):
-    """``(embeddings, labels, uris)`` of the labelled rows of the query set."""
-    queries = schema.read_embedding_shards(queries_path)
+def _labelled_queries(queries_path: str, manifest, memory_path: str):
+    """``(embeddings, labels, uris)`` of the labelled rows of the query set, checked against the memory
+    (``memory.query.read_queries``: encoder, dimension, labels within its classes)."""
+    queries = read_queries(queries_path, manifest, memory_path)
     known = queries["labels"] >= 0
     if not known.any():
         raise ValueError(f"{queries_path} has no labelled rows (label >= 0): nothing to evaluate against")
@@ -174,8 +183,8 @@ def _hosts(ray_address: str | None) -> str:
     return "ray"
 
 
-def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shards, ood_queries_path) -> Retrieval:
-    """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' similarities."""
+def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shards, ood) -> Retrieval:
+    """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' (``ood``) similarities."""
     if k_max > len(mem):
         raise ValueError(f"k-max {k_max} exceeds the memory's {len(mem)} items")
     if truth.max() >= mem.num_classes:
@@ -183,8 +192,7 @@ def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shar
     t0 = time.perf_counter()
     labels, sims, weights = retrieve(mem, q, k_max, batch_size, probe_shards)
     seconds = time.perf_counter() - t0
-    ood_sims = retrieve(mem, schema.read_embedding_shards(ood_queries_path)["embeddings"], k_max,
-                        batch_size, probe_shards)[1] if ood_queries_path else None
+    ood_sims = retrieve(mem, ood, k_max, batch_size, probe_shards)[1] if ood is not None else None
     return Retrieval(labels, sims, weights, ood_sims, seconds, mem.num_classes, mem.version)
 
 

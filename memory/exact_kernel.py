@@ -1,6 +1,6 @@
 """The blocked torch kernel of the exact backend: ``queries @ items.T`` in blocks, a running top-k.
 
-Imported only when an exact index needs it (float16 storage, or re-scoring tied queries), so that
+Imported only when an exact index needs it (float16 or int8 storage, or re-scoring tied queries), so that
 commands that never search do not pay for importing torch.
 """
 from __future__ import annotations
@@ -12,10 +12,12 @@ import torch
 
 
 class BlockedKernel:
-    """Scores in float32 against float32 or float16 items, one cache-friendly block at a time."""
+    """Scores in float32 against float32, float16 or per-vector scaled int8 items, one
+    cache-friendly block at a time: ``score = <q, items[i]> * scales[i]`` (no scales: 1)."""
 
-    def __init__(self, embeddings: np.ndarray, query_block: int, item_block: int):
-        self.items = torch.from_numpy(embeddings)
+    def __init__(self, embeddings: np.ndarray, query_block: int, item_block: int, scales: np.ndarray | None = None):
+        self.items = torch.from_numpy(np.ascontiguousarray(embeddings))
+        self.scales = None if scales is None else torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
         self.query_block = query_block
         self.item_block = item_block
 
@@ -24,11 +26,15 @@ class BlockedKernel:
         if items.dtype != torch.float32:
             items = items.float()
         if buf is None:
-            return qb @ items.T
-        # Writing into one preallocated buffer avoids a fresh multi-MB allocation (and its page
-        # faults) per block, which otherwise costs a third of the matrix product's time.
-        out = buf[: qb.shape[0] * items.shape[0]].view(qb.shape[0], items.shape[0])
-        return torch.mm(qb, items.T, out=out)
+            out = qb @ items.T
+        else:
+            # Writing into one preallocated buffer avoids a fresh multi-MB allocation (and its page
+            # faults) per block, which otherwise costs a third of the matrix product's time.
+            out = buf[: qb.shape[0] * items.shape[0]].view(qb.shape[0], items.shape[0])
+            torch.mm(qb, items.T, out=out)
+        if self.scales is not None:
+            out.mul_(self.scales[i0:i0 + self.item_block])
+        return out
 
     def topk(self, q: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
         """``(sims, rows)`` of the ``keep`` best items per query (unordered ties)."""

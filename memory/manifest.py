@@ -13,7 +13,8 @@ A memory directory (local or ``gs://``) looks like::
 A manifest records the format version, encoder, dimension, metric, class names, partitioning, and
 every shard with its path (relative to the memory), item count, backend and file checksums; versions
 derived from another one record their parent, the change, and the removal state. A new version is
-published by writing a new manifest; readers pin the version they opened.
+published by creating its manifest only if absent (:func:`publish`: of two writers deriving one
+version exactly one wins, the other gets :class:`ConcurrentUpdate`); readers pin the version they opened.
 """
 from __future__ import annotations
 
@@ -293,15 +294,57 @@ class Manifest:
         return refs | {s.path for s in (self.tombstones, self.forget) if s}
 
 
-def write_manifest(root: str, manifest: Manifest) -> str:
-    """Publish a version: the manifest is the last file written, atomically, and only if absent."""
+class ConcurrentUpdate(RuntimeError):
+    """Another writer published the version this one meant to publish: re-derive from the latest."""
+
+    def __init__(self, root: str, version: int, winner: str = "another writer"):
+        super().__init__(f"version {version} of {root} was published meanwhile by {winner}; "
+                         "nothing of this change was published")
+        self.root, self.version = root, version
+
+
+def _winner(data: bytes | None) -> str:
+    """Who published a manifest, in words (its change and parent), for :class:`ConcurrentUpdate`."""
+    try:
+        d = json.loads(data)
+        return f"a '{d['change']}' derived from version {d['parent_version']}"
+    except (TypeError, ValueError, KeyError):
+        return "another writer"
+
+
+def publish(root: str, manifest: Manifest) -> str:
+    """Publish a version: create its manifest only if no manifest of that version exists.
+
+    The manifest is the last file a change writes and the only one it publishes with: locally an
+    exclusive create (a hard link from a fsynced temporary), on ``gs://`` an upload with
+    ``ifGenerationMatch=0`` (Cloud Storage refuses it with 412 when the object exists). So of two
+    writers deriving the same version, exactly one publishes; the other gets ``ConcurrentUpdate``.
+    A create whose response was lost and that was retried finds its own bytes: that counts as done.
+
+    Returns the manifest's path.
+
+    Raises:
+        ConcurrentUpdate: the version exists (another writer won); nothing was written.
+        TypeError: ``manifest`` is not a :class:`Manifest`.
+    """
     if not isinstance(manifest, Manifest):
-        raise TypeError(f"write_manifest takes a Manifest, got {type(manifest).__name__}")
+        raise TypeError(f"publish takes a Manifest, got {type(manifest).__name__}")
     path = manifest_path(root, manifest.version)
-    if storage.exists(path):
-        raise MemoryFormatError(f"{path} already exists: version {manifest.version} is published")
-    storage.write_bytes_atomic(path, json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode())
+    data = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+    try:
+        storage.create_new(path, data)
+    except FileExistsError:
+        try:
+            there = storage.read_bytes(path)
+        except FileNotFoundError:
+            there = None
+        if there == data:
+            return path
+        raise ConcurrentUpdate(root, manifest.version, _winner(there)) from None
     return path
+
+
+write_manifest = publish  # the name older callers use
 
 
 def read_manifest(root: str, version: int | None = None) -> Manifest:

@@ -11,14 +11,15 @@ import os
 
 import numpy as np
 
-from memory import leases, removals, voting
+from memory import leases, quantize, removals, voting
 from memory import manifest as mf
 from memory.backends import BACKENDS
+from memory.columns import ItemColumns
 from memory.fanout import ThreadFanout
 from memory.partition import hash_partition, nearest_partitions
 from memory.items import ItemPolicy, normalise
-from memory.shard import Shard, write_shard
-from memory.topk import merge_topk
+from memory.shard import DEFAULT_TARGET_RECALL, Shard, check_target_recall, write_shard
+from memory.topk import first_cut, merge_keys, merge_with_refetch
 
 
 @dataclasses.dataclass
@@ -45,7 +46,8 @@ class Classification:
 
 def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, backend: str = "exact",
                  class_names, weights=None, provenance=None, encoder=None, backend_params=None,
-                 storage_dtype: str = "float32") -> mf.Manifest:
+                 storage: str = "float32", target_recall: float | None = DEFAULT_TARGET_RECALL,
+                 tuning_queries=None, storage_dtype: str | None = None) -> mf.Manifest:
     """Write a new memory at ``path`` (local or ``gs://``) in this process; returns its manifest.
 
     Items are hash-partitioned by id into ``num_shards`` shards, each written with the per-shard
@@ -55,13 +57,21 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
     Every item must pass ``ItemPolicy(dim, len(class_names), norm_tolerance=None)`` (any finite,
     non-zero norm; vectors are stored L2-normalised).
 
+    ``storage`` is the storage mode (``memory.quantize.MODES``; ``storage_dtype`` is its older
+    name). ``target_recall`` (None: defaults untuned) tunes each ScaNN shard's search settings to
+    that recall@10 against brute force, measured on a sample of its own items and of
+    ``tuning_queries`` (an optional ``(n, dim)`` array of real queries); ``memory.tuning``.
+
     Raises:
         ValueError: no items, mismatched lengths, an item the policy refuses (the first one named:
             duplicate or empty id, NaN/inf or zero vector, label outside ``class_names``, unknown
-            ``label_source``), bad weights, an unknown backend, or a memory already at ``path``.
+            ``label_source``), bad weights, an unknown backend or storage mode (``codes`` needs
+            ScaNN), a target recall outside (0, 1], or a memory already at ``path``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    storage = quantize.check_mode(storage_dtype or storage, backend)
+    check_target_recall(target_recall)
     if len(ids) == 0:
         raise ValueError("cannot write an empty memory: no items given")
     ids = np.asarray(ids, dtype=object)
@@ -86,7 +96,8 @@ def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, bac
             path, mf.shard_dir(version, name), emb[rows], ids[rows], np.asarray(labels)[rows], name=name,
             backend_name=backend, weights=None if weights is None else np.asarray(weights)[rows],
             provenance={k: np.asarray(v)[rows] for k, v in (provenance or {}).items()},
-            backend_params=backend_params, storage_dtype=storage_dtype,
+            backend_params=backend_params, storage=storage, target_recall=target_recall,
+            tuning_queries=tuning_queries,
         ))
     manifest = mf.Manifest.new(
         version=version, dim=emb.shape[1], class_names=class_names, backend=backend, shards=shards,
@@ -105,13 +116,17 @@ class Memory:
         self.shards = shards
         self.executor = executor
         self.lease = lease
+        self.columns = ItemColumns(shards)  # ids, labels, weights by key, gathered once per search
 
     @classmethod
     def open(cls, path: str, version: int | None = None, *, verify: bool = True, executor=None,
              cache_dir: str | None = None, lease_s: float | None = None, hosts: str = "local") -> "Memory":
         """Open ``version`` (default: the latest) of the memory at ``path``, checking every checksum.
 
-        Items the version records as removed (``memory.removals``) are excluded from every search.
+        Items the version records as removed (``memory.removals``) are excluded from every search,
+        which still returns k live neighbours: ScaNN shards delete them from their loaded searcher
+        (this open's copy only; the files and other opens keep them), exact shards skip them
+        (``Shard.exclude``).
 
         Args:
             executor: how shards are searched (default: a thread per core); see ``memory.fanout``.
@@ -212,11 +227,37 @@ class Memory:
         knobs = {key: v for key, v in (("leaves_to_search", leaves_to_search), ("reorder", reorder)) if v}
         route = self._route(q, probe_shards)
         if route is None:
-            results = self.executor.map(lambda shard: shard.search(q, k, **knobs), self.shards)
-            sims, ids, labels, weights = merge_topk(results, k)
+            sims, keys = self._search_all(q, k, knobs)
         else:
-            sims, ids, labels, weights = self._search_routed(q, k, route, knobs)
+            sims, keys = self._search_routed(q, k, route, knobs)
+        ids, labels, weights = self.columns.take(keys)
         return Neighbours(ids=ids, labels=labels, sims=sims, weights=weights)
+
+    def _search_all(self, q, k, knobs):
+        """Every shard searches every query; ``(sims, keys)`` merged on numbers.
+
+        Exact hash shards are first asked for ``first_cut(k, shards)`` each (29 of k = 100 over 8),
+        and again for k only where a shard may hold more of a query's top k: the same answer,
+        with less top-k work in every shard (``memory.topk.merge_with_refetch``).
+        """
+        items = list(enumerate(self.shards))
+        cut = k
+        if len(items) > 1 and self.manifest.partitioning.method == "hash" and all(
+                s.entry.backend == "exact" for s in self.shards):
+            cut = first_cut(k, len(items))
+        results = self.executor.map(lambda item: self._search_shard(*item, q, cut, knobs), items)
+        if len(results) == 1:
+            return results[0]
+        if cut == k:
+            return merge_keys(results, k, self.columns.ids_of)
+        return merge_with_refetch(
+            results, k, lambda i, rows: self._search_shard(i, self.shards[i], q[rows], k, knobs),
+            self.columns.ids_of, self.executor.map)
+
+    def _search_shard(self, index, shard, q, k, knobs):
+        """``(sims, keys)`` ``(Q, k)`` of one shard's top-k, best first (keys: ``self.columns``)."""
+        sims, rows = shard.search_rows(q, k, **knobs)
+        return sims, self.columns.keys(index, rows)
 
     def _route(self, q, probe_shards):
         """``(Q, P)`` partitions each query visits, nearest first, or None to visit every shard."""
@@ -236,38 +277,40 @@ class Memory:
         return nearest_partitions(q, part.centroids, probe_shards, cells)
 
     def _search_routed(self, q, k, route, knobs):
-        """Each shard searches only the queries routed to its partition; the merge sees P lists per query.
+        """Each shard searches only the queries routed to its partition; one merge at the end.
 
-        Slot ``j`` of a query holds the results of its ``j``-th partition (all of that partition's
-        shards merged there, as ``add`` can spread a partition over several), so the merge is
-        ``P * k`` wide instead of ``shards * k``.
+        A query's candidates sit in ``P * m`` blocks of ``k`` (``m``: the most shards one partition
+        has, as ``add`` can spread a partition over several): block ``slot * m + j`` holds the list
+        of the ``j``-th shard of its ``slot``-th partition. With one block (``P = 1``, one shard per
+        partition) every query's list is final as its shard returned it: no merge at all.
         """
         q_num, probe = route.shape
-        parts = [s.entry.partition_number for s in self.shards]
-        per_part = {p: [] for p in parts}
+        within, seen = [], {}
+        for shard in self.shards:  # each shard's place among its partition's shards
+            p = shard.entry.partition_number
+            within.append(seen.get(p, 0))
+            seen[p] = within[-1] + 1
+        m = max(seen.values(), default=1)
+        sims = np.full((q_num, probe * m * k), -np.inf, np.float32)
+        keys = np.full((q_num, probe * m * k), -1, np.int64)
 
-        def one(shard):
+        def one(item):
+            index, shard = item
             hit = route == shard.entry.partition_number
             sel = np.flatnonzero(hit.any(axis=1))
-            return sel, hit[sel].argmax(axis=1), (shard.search(q[sel], k, **knobs) if len(sel) else None)
+            if not len(sel):
+                return None
+            return (sel, hit[sel].argmax(axis=1), within[index], *self._search_shard(index, shard, q[sel], k, knobs))
 
-        for shard, res in zip(self.shards, self.executor.map(one, self.shards)):
-            per_part[shard.entry.partition_number].append(res)
-        sims = np.full((q_num, probe * k), -np.inf, np.float32)
-        ids = np.full((q_num, probe * k), "", dtype=object)
-        labels = np.full((q_num, probe * k), -1, np.int64)
-        weights = np.zeros((q_num, probe * k), np.float32)
         cols = np.arange(k)
-        for results in per_part.values():
-            results = [r for r in results if r[2] is not None]
-            if not results:
-                continue
-            sel, slot = results[0][0], results[0][1]  # every shard of a partition has the same routing
-            merged = merge_topk([r[2] for r in results], k) if len(results) > 1 else results[0][2]
-            rows, at = sel[:, None], slot[:, None] * k + cols[None, :]  # each shard pads its lists to k
-            for out, part in zip((sims, ids, labels, weights), merged):
-                out[rows, at] = part
-        return merge_topk([(sims, ids, labels, weights)], k)
+        for res in self.executor.map(one, list(enumerate(self.shards))):
+            if res is not None:
+                sel, slot, j, s, kk = res
+                at = (slot[:, None] * m + j) * k + cols[None, :]  # each shard pads its lists to k
+                sims[sel[:, None], at], keys[sel[:, None], at] = s, kk
+        if probe * m == 1:
+            return sims, keys
+        return merge_keys([(sims, keys)], k, self.columns.ids_of)
 
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,

@@ -1,25 +1,29 @@
 """Changing a memory: remove (unlearning), plan compaction, list versions, collect garbage.
 
-Every change publishes a new manifest version derived from its parent (``derive_manifest``);
-nothing already published is modified, so a reader pinned to a version is never affected. Remove
-only writes small state files and a manifest, so it is durable the moment it returns; the Beam jobs
+Every change publishes a new manifest version derived from its parent (``derive_manifest``) with
+``memory.publishing`` (create-if-absent; re-derived from the new latest on a lost race); nothing
+already published is modified, so a reader pinned to a version is never affected. Remove only
+writes small state files and a manifest, so it is durable the moment it returns; the Beam jobs
 (``pipelines.build`` for build and add, ``pipelines.compact``) publish through the same helpers.
+Garbage collection lives in ``memory.garbage``.
 """
 from __future__ import annotations
 
-import re
 import time
 import uuid
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memory import leases, removals, storage
+from memory import leases, publishing, removals, storage
 from memory import manifest as mf
+from memory.garbage import collect_garbage
 from memory.items import read_items_at
 from memory.manifest import Manifest, ShardEntry, StateRef
 
-_VERSION_DIR = re.compile(r"^v(\d{8})(?:\.|$)")
+__all__ = ["collect_garbage", "compacted_manifest", "derive_manifest", "new_token", "next_version",
+           "plan_compaction", "read_id_file", "remove_items", "select_for_removal", "version_history"]
 
 
 def new_token() -> str:
@@ -52,15 +56,50 @@ def derive_manifest(parent: Manifest, *, version: int, change: str, detail: dict
 
 
 def read_id_file(path: str) -> list[str]:
-    """Ids from a Parquet file with an ``id`` column, or a text file with one id per line."""
-    if not storage.exists(path):
+    """Ids from a Parquet file with an ``id`` column, or a text file with one id per line (blank
+    lines skipped); repeats dropped, order kept.
+
+    Raises:
+        FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a folder.
+        ValueError: no ``id`` column, ids of another type or null, not UTF-8 text, or no ids at all.
+    """
+    fs, p = storage.filesystem(path)
+    if not fs.exists(p):
         raise FileNotFoundError(f"id file not found: {path}")
-    if path.endswith(".parquet"):
-        fs, p = storage.filesystem(path)
-        with fs.open(p, "rb") as f:
-            table = pq.read_table(f, columns=["id"])
-        return [str(i) for i in table.column("id").to_pylist()]
-    lines = storage.read_bytes(path).decode().splitlines()
+    if fs.isdir(p):
+        raise IsADirectoryError(f"id file {path} is a folder (Is a directory): give a text file with one id "
+                                "per line, or Parquet with an 'id' column")
+    data = storage.read_bytes(path)
+    ids = _parquet_ids(data, path) if path.endswith(".parquet") or data[:4] == b"PAR1" else _text_ids(data, path)
+    if not ids:
+        raise ValueError(f"id file {path} holds no ids: nothing to remove")
+    return list(dict.fromkeys(ids))
+
+
+def _parquet_ids(data: bytes, path: str) -> list[str]:
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        names = pf.schema_arrow.names
+        if "id" not in names:
+            raise ValueError(f"id file {path} has no 'id' column (its columns: {', '.join(names[:10]) or 'none'})")
+        column = pf.read(columns=["id"]).column("id")
+    except pa.ArrowException as exc:
+        raise ValueError(f"id file {path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_integer(column.type)):
+        raise ValueError(f"id file {path}: column 'id' holds {column.type}, not strings or integers")
+    ids = [str(i) for i in column.to_pylist() if i is not None]
+    if column.null_count or "" in ids:
+        raise ValueError(f"id file {path}: column 'id' has {column.null_count + ids.count('')} empty values")
+    return ids
+
+
+def _text_ids(data: bytes, path: str) -> list[str]:
+    try:
+        lines = data.decode().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"id file {path} is neither UTF-8 text (one id per line) nor Parquet") from None
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -81,56 +120,107 @@ def select_for_removal(items: dict, *, ids=None, label=None, source=None) -> np.
     return items["source"] == source
 
 
-def remove_items(root: str, *, ids=None, label: str | None = None, source: str | None = None,
-                 reason: str | None = None) -> dict:
-    """Remove items from the latest version: publish a version that tombstones them and forgets them.
+def _checked_selector(ids, label, source):
+    """The selector's ids as unique strings (None when another selector is given); bad selectors refused."""
+    if sum(x is not None for x in (ids, label, source)) != 1:
+        raise ValueError("give exactly one of ids, label or source to remove")
+    for name, value in (("label", label), ("source", source)):
+        if value is not None and not str(value).strip():
+            raise ValueError(f"the {name} to remove is empty")
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)):
+        raise ValueError("ids must be a list of ids, not one string")
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        raise ValueError("no ids given (the list is empty): nothing to remove")
+    if "" in ids:
+        raise ValueError("an empty id cannot be removed")
+    return ids
 
-    Returns once the new manifest is written: every ``Memory.open`` from then on excludes the items
-    (searches still return k neighbours), and ``add`` refuses their ids unless re-admitted. Ids given
-    in ``ids`` that the memory does not hold are forgotten too (so they cannot be added later).
 
-    Raises:
-        ValueError: not exactly one selector, or an unknown class name.
-        FileNotFoundError: no memory at ``root``.
-    """
-    t0 = time.perf_counter()
-    parent = mf.read_manifest(root)
+def _scan(root: str, parent: Manifest, ids, label_index, source) -> dict:
+    """What a removal finds in ``parent``: live hits ``(shard, id)``, ids matched at all, sources seen."""
+    dead = removals.tombstones_by_shard(root, parent)
+    hits, matched, sources = [], set(), set()
+    for entry in parent.shards:
+        items = _items(storage.join(root, entry.path), ("id", "label", "source"))
+        mask = select_for_removal(items, ids=ids, label=label_index, source=source)
+        matched.update(items["id"][mask])
+        if source is not None and len(sources) < 50:
+            sources.update(str(s) for s in np.unique(items["source"].astype(str)))
+        already = dead.get(entry.path, set())
+        hits.extend((entry.path, i) for i in items["id"][mask] if i not in already)
+    return {"dead": dead, "hits": hits, "matched": matched, "sources": sources}
+
+
+def _removal(root: str, parent: Manifest, ids, label, source, reason: str, how: str, token: str, out: dict):
+    """The manifest that removes the selection from ``parent`` (None when ``parent`` already has it
+    removed and forgotten); what it found goes in ``out``."""
     label_index = None
     if label is not None:
         if label not in parent.class_names:
             raise ValueError(f"unknown class {label!r}; this memory's classes: {', '.join(parent.class_names)}")
         label_index = parent.class_names.index(label)
-    how = f"ids ({len(ids)} given)" if ids is not None else f"label {label}" if label is not None else f"source {source}"
-    reason = reason or f"removed by {how}"
-    dead = removals.tombstones_by_shard(root, parent)
-    pairs = [(s, i) for s, items in dead.items() for i in items]
-    removed = []
-    for entry in parent.shards:
-        items = _items(storage.join(root, entry.path), ("id", "label", "source"))
-        mask = select_for_removal(items, ids=ids, label=label_index, source=source)
-        already = dead.get(entry.path, set())
-        hits = [i for i in items["id"][mask] if i not in already]
-        removed.extend(hits)
-        pairs.extend((entry.path, i) for i in hits)
-    version = next_version(root)
+    scan = _scan(root, parent, ids, label_index, source)
+    if not scan["matched"] and ids is None:
+        what = f"class {label!r}" if label is not None else f"source {source!r}"
+        seen = f" (sources: {', '.join(sorted(scan['sources'])[:10])})" if source is not None else ""
+        raise ValueError(f"no item of {root} has {what}: nothing to remove{seen}")
     forgotten = removals.forget_list(root, parent)
+    known = set(forgotten.column("id").to_pylist())
+    removed = [i for _, i in scan["hits"]]
+    new_forget = [i for i in (ids if ids is not None else removed) if i not in known]
+    out.update(removed=removed, forgotten=new_forget, already=len(scan["matched"]) - len(removed),
+               not_found=sorted(set(ids) - scan["matched"]) if ids is not None else [])
+    if not removed and not new_forget:
+        return None
+    version = parent.version + 1
+    pairs = [(s, i) for s, dead in scan["dead"].items() for i in dead] + scan["hits"]
     rows = list(zip(forgotten.column("id").to_pylist(), forgotten.column("version").to_pylist(),
-                    forgotten.column("reason").to_pylist()))
-    new_forget = [str(i) for i in (ids if ids is not None else removed)]
-    rows += [(i, version, reason) for i in new_forget]
-    token = new_token()
+                    forgotten.column("reason").to_pylist())) + [(i, version, reason) for i in new_forget]
     tomb = removals.write_table(root, removals.state_path(version, "tombstones.parquet", token),
                                 removals.tombstones_table(pairs))
     forget = removals.write_table(root, removals.state_path(version, "forget.parquet", token),
                                   removals.forget_table(rows))
-    not_found = sorted(set(ids) - set(removed)) if ids is not None else []
-    detail = {"removed": len(removed), "by": how, "reason": reason, "not_found": len(not_found)}
-    manifest = derive_manifest(parent, version=version, change="remove", detail=detail,
-                               tombstones=tomb, forget=forget)
-    mf.write_manifest(root, manifest)
-    return {"memory": root, "version": version, "parent_version": parent.version, "removed": len(removed),
-            "not_found": len(not_found), "not_found_examples": not_found[:5],
-            "live_count": manifest.live_count, "seconds": time.perf_counter() - t0}
+    detail = {"removed": len(removed), "by": how, "reason": reason, "not_found": len(out["not_found"])}
+    return derive_manifest(parent, version=version, change="remove", detail=detail, tombstones=tomb, forget=forget)
+
+
+def remove_items(root: str, *, ids=None, label: str | None = None, source: str | None = None,
+                 reason: str | None = None) -> dict:
+    """Remove items from the latest version: publish a version that tombstones them and forgets them.
+
+    Returns once the new manifest is published: every ``Memory.open`` from then on excludes the items
+    (searches still return k neighbours), and ``add`` refuses their ids unless re-admitted. Ids given
+    in ``ids`` that the memory does not hold are forgotten too (so they cannot be added later).
+    Derived from the latest version; when another writer publishes first, derived again from the
+    new latest (``memory.publishing``), so concurrent changes are all kept. When the latest version
+    already has every selected item removed and forgotten, nothing is published (``changed`` False).
+
+    Raises:
+        ValueError: not exactly one selector, an empty id list, an unknown class, or a class or
+            source no item has.
+        FileNotFoundError: no memory at ``root``.
+        ConcurrentUpdate: beaten by other writers on every try.
+    """
+    t0 = time.perf_counter()
+    ids = _checked_selector(ids, label, source)
+    how = (f"ids ({len(ids)} given)" if ids is not None
+           else f"label {label}" if label is not None else f"source {source}")
+    reason = reason or f"removed by {how}"
+    token, found = new_token(), {}
+
+    def derive(parent):
+        return _removal(root, parent, ids, label, source, reason, how, token, found)
+
+    parent, manifest, tries = publishing.publish_derived(root, derive, what=f"remove from {root}")
+    current = manifest or parent
+    return {"memory": root, "version": current.version, "parent_version": parent.version if manifest else None,
+            "changed": manifest is not None, "removed": len(found["removed"]),
+            "already_removed": found["already"], "forgotten": len(found["forgotten"]),
+            "not_found": len(found["not_found"]), "not_found_examples": found["not_found"][:5],
+            "live_count": current.live_count, "tries": tries, "seconds": time.perf_counter() - t0}
 
 
 def plan_compaction(manifest: Manifest, dead_by_shard: dict, *, merge: bool = True) -> list[dict]:
@@ -169,11 +259,21 @@ def compacted_manifest(parent: Manifest, groups: list, new_entries: list[ShardEn
 
 
 def version_history(root: str) -> list[dict]:
-    """Every published version, oldest first, with what changed and the reader leases on it."""
+    """Every published version, oldest first, with what changed and the reader leases on it.
+
+    Raises:
+        FileNotFoundError: no memory at ``root``.
+    """
+    versions = mf.list_versions(root)
+    if not versions:
+        mf.read_manifest(root)  # raises the one "no memory" error
     held = leases.held_versions(root)
     out = []
-    for v in mf.list_versions(root):
-        m = mf.read_manifest(root, v)
+    for v in versions:
+        try:
+            m = mf.read_manifest(root, v)
+        except FileNotFoundError:
+            continue  # collected by gc while we listed
         out.append({
             "version": v, "parent_version": m.parent_version, "change": m.change,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_unix)),
@@ -182,53 +282,3 @@ def version_history(root: str) -> list[dict]:
             "classes": len(m.class_names), "detail": m.change_detail or {}, "leased": v in held,
         })
     return out
-
-
-def _version_of(dirname: str) -> int | None:
-    m = _VERSION_DIR.match(dirname)
-    return int(m.group(1)) if m else None
-
-
-def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
-    """Delete the files of all but the newest ``keep`` versions (never the latest, never a leased one).
-
-    Manifests go first, so no reader can open a version whose files are going; then every shard
-    folder and state file no kept version references. Leftovers of unfinished builds count as
-    garbage once a version at least as new as theirs is published (before that they may belong to
-    a build still running, and are reported as pending).
-    """
-    if keep < 1:
-        raise ValueError(f"--keep must be >= 1 (the current version is always kept), got {keep}")
-    versions = mf.list_versions(root)
-    if not versions:
-        raise FileNotFoundError(f"no memory at {root}")
-    latest = versions[-1]
-    held = leases.held_versions(root)
-    kept = sorted(set(versions[-keep:]) | {v for v in versions if v in held} | {latest})
-    refs = set()
-    for v in kept:
-        refs |= mf.read_manifest(root, v).referenced_paths()
-    deleted_versions = [v for v in versions if v not in kept]
-    if not dry_run:
-        for v in deleted_versions:
-            storage.remove(mf.manifest_path(root, v))
-    deleted, pending = [], []
-    for top in ("shards", "state"):
-        for d in storage.list_names(storage.join(root, top)):
-            dv = _version_of(d)
-            children = storage.list_names(storage.join(root, top, d))
-            doomed = [f"{top}/{d}/{c}" for c in children if f"{top}/{d}/{c}" not in refs]
-            if not doomed:
-                continue
-            if dv is None or dv > latest:
-                pending.extend(doomed)
-                continue
-            deleted.extend(doomed)
-            if not dry_run:
-                for rel in doomed:
-                    storage.remove(storage.join(root, rel), recursive=True)
-                if len(doomed) == len(children):
-                    storage.remove(storage.join(root, top, d), recursive=True)
-    return {"memory": root, "kept_versions": kept, "leased_versions": sorted(v for v in held if v in versions),
-            "deleted_versions": deleted_versions, "deleted_paths": len(deleted), "pending_paths": pending,
-            "dry_run": dry_run}

@@ -5,8 +5,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memory import schema, storage
+from memory import manifest as mf
+from memory import output_paths, schema, storage
+from memory.encoder_spec import EncoderSpec, agreed, check_against_memory
 from memory.memory import Memory
+
+# Neighbour slots (queries x k) one search batch may hold: ~4M slots are ~100 MB with their ids. A
+# large k shrinks the batch instead of allocating queries x k at once.
+SLOTS_PER_BATCH = 1 << 22
 
 
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
@@ -15,21 +21,35 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
     When the query rows carry labels (>= 0), the summary includes top-1 accuracy over them.
+    Everything is checked before the memory is opened (:func:`read_queries`, ``k`` against the
+    memory's live items, ``out`` a file path); nothing is written unless the whole run succeeds.
+
+    Raises:
+        ValueError: ``k`` or ``batch_size`` below 1, ``k`` above the memory's live items, queries of
+            another encoder or dimension, no query rows, labels outside the memory's classes, or an
+            ``out`` that is a folder.
+        FileNotFoundError: no memory, no such version, or no query shards.
     """
     from tqdm import tqdm
 
-    queries = schema.read_embedding_shards(queries_path)
-    n = len(queries["ids"])
+    positive_ints(k=k, batch_size=batch_size)
+    manifest = mf.read_manifest(memory_path, version)
+    if out:
+        output_paths.check_file(out, "--out")
+    queries = read_queries(queries_path, manifest, memory_path)
+    check_k(k, manifest, memory_path)
+    n, step = len(queries["ids"]), search_batch(batch_size, k)
     preds = np.empty(n, np.int64)
     nb_ids, nb_labels, nb_sims = [], [], []
-    with Memory.open(memory_path, version) as mem:
-        for start in tqdm(range(0, n, batch_size), desc="query", unit="batch", disable=n <= batch_size):
-            res = mem.classify(queries["embeddings"][start:start + batch_size], k, method,
+    with Memory.open(memory_path, manifest.version) as mem:
+        for start in tqdm(range(0, n, step), desc="query", unit="batch", disable=n <= step):
+            res = mem.classify(queries["embeddings"][start:start + step], k, method,
                                alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards)
-            preds[start:start + batch_size] = res.predictions
-            nb_ids.append(res.neighbours.ids)
-            nb_labels.append(res.neighbours.labels)
-            nb_sims.append(res.neighbours.sims)
+            preds[start:start + step] = res.predictions
+            if out:  # only --out needs every neighbour list at the end
+                nb_ids.append(res.neighbours.ids)
+                nb_labels.append(res.neighbours.labels)
+                nb_sims.append(res.neighbours.sims)
         names = mem.class_names
         summary = {"memory": memory_path, "version": mem.version, "queries": n, "k": k, "method": method}
     labels = queries["labels"]
@@ -42,6 +62,78 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
         _write_predictions(out, queries["ids"], preds, names, labels, neighbours)
         summary["out"] = out
     return summary
+
+
+def read_queries(path, manifest: mf.Manifest, memory: str, *, what: str = "queries",
+                 check_labels: bool = True) -> dict:
+    """The embedding shards at ``path`` (:func:`memory.schema.read_embeddings`, concatenated), checked
+    against a memory's manifest before any search: shards that agree on their encoder, an encoder
+    the memory's (name, version, image size, preprocessing), its dimension, at least one row and,
+    with ``check_labels``, labels that index the memory's classes (-1: unknown).
+
+    Raises:
+        ValueError: any of those checks, or a file that is not a readable embedding shard.
+        FileNotFoundError: no shards at ``path``.
+    """
+    files = schema.shard_files(path)
+    parts = [_read_shard(f) for f in files]
+    spec = agreed((f, EncoderSpec.from_metadata(p["metadata"])) for f, p in zip(files, parts))
+    check_against_memory(manifest.encoder, spec, memory=memory, inputs_what=f"{what} {path}")
+    data = schema.concat_embeddings(parts, where=str(path))
+    n, dim = data["embeddings"].shape
+    if dim != manifest.dim:
+        raise ValueError(f"{what} must have shape (n, {manifest.dim}) for memory {memory}, got ({n}, {dim}) "
+                         f"from {path}")
+    if n == 0:
+        raise ValueError(f"{what} {path} hold no rows: nothing to search")
+    names = manifest.class_names
+    top = int(data["labels"].max())
+    if check_labels and top >= len(names):
+        raise ValueError(f"{what} {path}: labels reach {top}, but memory {memory} has {len(names)} classes "
+                         f"(labels 0..{len(names) - 1}, -1 unknown): were they numbered for another class list?")
+    return data
+
+
+def shards_encoder(path) -> EncoderSpec | None:
+    """The encoder the embedding shards at ``path`` name, from their Parquet footers only
+    (:func:`memory.encoder_spec.agreed`: shards that disagree are refused, both named)."""
+    specs = []
+    for f in schema.shard_files(path):
+        fs, p = storage.filesystem(f)
+        try:
+            with fs.open(p, "rb") as fh:
+                meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+        except pa.ArrowException as exc:
+            raise ValueError(f"{f} is not a readable Parquet file: {exc}") from None
+        specs.append((f, EncoderSpec.from_metadata({k.decode(): v.decode() for k, v in meta.items()})))
+    return agreed(specs)
+
+
+def _read_shard(path: str) -> dict:
+    try:
+        return schema.read_embeddings(path)
+    except pa.ArrowException as exc:  # pyarrow names a buffer, not the file
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+
+
+def check_k(k: int, manifest: mf.Manifest, memory: str, option: str = "k") -> None:
+    """Refuse ``k`` above the live items of a memory version: it could only return padding, and
+    ``queries x k`` slots would be allocated for it."""
+    if k > manifest.live_count:
+        raise ValueError(f"{option} {k} exceeds the {manifest.live_count} live items of memory {memory} "
+                         f"(version {manifest.version}); ask for at most {manifest.live_count}")
+
+
+def positive_ints(**values) -> None:
+    """Raise ValueError naming the first value that is not an integer >= 1."""
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def search_batch(batch_size: int, k: int) -> int:
+    """Queries per search call: ``batch_size``, fewer when ``batch_size x k`` would exceed SLOTS_PER_BATCH."""
+    return max(1, min(int(batch_size), SLOTS_PER_BATCH // max(int(k), 1)))
 
 
 def _write_predictions(out: str, ids, preds: np.ndarray, names: list, labels: np.ndarray, neighbours: tuple) -> None:

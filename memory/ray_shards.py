@@ -2,7 +2,7 @@
 
 Each actor opens its shard once (the worker downloads and loads the index; nothing heavy crosses a
 process boundary but the path and the manifest entry) and answers top-k searches. A
-:class:`RemoteShard` proxy has the same ``search``/``exclude``/``live_count`` surface as a local
+:class:`RemoteShard` proxy has the same ``search_rows``/``take``/``exclude``/``live_count`` surface as a local
 :class:`memory.shard.Shard`, so the memory's fan-out (threads that wait on the actors) and its merge
 are exactly those of the in-process path.
 """
@@ -23,6 +23,12 @@ class ShardHost:
     def search(self, queries: np.ndarray, k: int, knobs: dict):
         return self.shard.search(queries, k, **knobs)
 
+    def search_rows(self, queries: np.ndarray, k: int, knobs: dict):
+        return self.shard.search_rows(queries, k, **knobs)
+
+    def take(self, rows: np.ndarray):
+        return self.shard.take(rows)
+
     def exclude(self, ids) -> int:
         return self.shard.exclude(ids)
 
@@ -42,6 +48,17 @@ class RemoteShard:
         import ray
 
         return ray.get(self.actor.search.remote(queries, k, knobs))
+
+    def search_rows(self, queries, k, **knobs):
+        """``(sims, rows)``: only numbers cross the process boundary; ids come via :meth:`take`."""
+        import ray
+
+        return ray.get(self.actor.search_rows.remote(queries, k, knobs))
+
+    def take(self, rows):
+        import ray
+
+        return ray.get(self.actor.take.remote(rows))
 
     def exclude(self, ids) -> int:
         import ray

@@ -3,9 +3,11 @@
 Everything goes through fsspec (gcsfs for ``gs://``), so the same code runs on a laptop and on a
 cluster. Local writes go to a temporary name and are renamed, so a killed process never leaves a
 half-written file under its final name; object stores publish each object whole anyway.
+:func:`create_new` is the one write that refuses to replace: what publishing a version rests on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -64,11 +66,69 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         return
     os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never leave the temporary file behind
+            os.remove(tmp)
+        raise
+
+
+def create_new(path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` only if nothing is there: the one atomic step a publish needs.
+
+    Locally the bytes go to a temporary file (fsynced) that is hard-linked to ``path``: the link
+    fails when ``path`` exists and never shows a partial file. On ``gs://`` the upload carries
+    ``ifGenerationMatch=0``, which Cloud Storage checks atomically (412 when an object exists).
+
+    Raises:
+        FileExistsError: ``path`` already exists; nothing was written there.
+    """
+    fs, p = filesystem(path)
+    if is_remote(path):
+        # gcsfs sends ifGenerationMatch=0 for mode="create" and maps the 412 to FileExistsError;
+        # another fsspec store checks and writes in two steps (not atomic).
+        fs.pipe_file(p, data, mode="create")
+        return
+    folder = os.path.dirname(p) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: an exclusive create (partial if killed)
+            with open(p, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a new name in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_bytes(path: str) -> bytes:

@@ -24,7 +24,9 @@ class BuildConfig:
     cell_partitions: tuple | None = None
     backend: str = "scann"
     backend_params: dict = dataclasses.field(default_factory=dict)
-    storage_dtype: str = "float32"
+    storage: str = "float32"  # memory.quantize.MODES
+    target_recall: float | None = 0.95  # memory.tuning; None: ScaNN defaults, untuned
+    tuning_queries: str | None = None  # embedding shards (a file, folder or glob) of real queries to tune on
     norm_tolerance: float | None = 0.01
     readmit: bool = False
     batch_rows: int = 65536
@@ -33,6 +35,11 @@ class BuildConfig:
     seed: int = 0
     encoder: dict = dataclasses.field(default_factory=dict)  # EncoderSpec.to_manifest() of the inputs
     existing: tuple = ()  # add: ((shard path, removed ids), ...) of the memory's shards
+
+    @property
+    def storage_dtype(self) -> str:
+        """The storage mode's older name (``build`` dicts of manifests written before modes record it)."""
+        return self.storage
 
     def shard_name(self, partition: int) -> str:
         """A build's shards have the names ``write_memory`` gives; an add's say which version added them."""

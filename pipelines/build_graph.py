@@ -2,11 +2,17 @@
 
 Stages, each a thin Beam wrapper around a pure function (``pipelines.validate``, ``memory.*``):
 
-    files ─► ReadValidate ─► good batches ─► Assign (hash | k-means) ─► GroupByShard ─► WriteShard ─┐
-                 │                 ├─► id buckets ─► FindDuplicates (side input) ───────────┘       │
-                 │                 └─► Sample ─► KMeans (side input of Assign, k-means only)          │
-                 └─► dead rows ─────────────────────────────► dead letter (Parquet, one reason each)  │
-                                                                  Publish: manifest written last ◄─────┘
+    files ─► Stage ─► staging files (paths) ─► GroupByShard ─► WriteShard ─► Publish (manifest last)
+      │        ├─► id buckets ─► FindDuplicates (side input of WriteShard)
+      │        └─► dead rows ─► dead letter (Parquet, one reason each)
+      └─► Sample (new k-means builds only: a first pass) ─► KMeans (side input of Stage)
+
+Stage reads and validates one file, assigns each row its shard (hash of id, or nearest k-means
+cell) and writes the rows of each shard to a staging file. No step holds more than one input
+file's rows or one shard's (``pipelines.build_stage``): the rows reach their shard's writer through
+staging files, only paths go through the runner's shuffle, and k-means trains on a sample. A new
+k-means build reads its files twice (the router must exist before any row is assigned); every
+other build reads them once.
 
 Each shard is written by ``memory.shard.write_shard`` (the single-process ``write_memory`` uses the
 same writer) under ``shards/vNNNNNNNN.TOKEN/``, a folder no manifest names yet. The manifest is
@@ -28,16 +34,18 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from memory import manifest as mf
-from memory import items, removals, schema, storage
+from memory import items, removals, schema, storage, tuning
 from memory.partition import default_cells, hash_partition, kmeans_partition, train_router
 from memory.shard import write_shard
 from pipelines import validate
+from pipelines.build_stage import concat_batches, read_pieces, remove_staging, split_by_shard, staging_dir, write_piece
 from pipelines.beam_runner import METRICS
 from pipelines.build_config import BuildConfig
 from pipelines.build_publish import publish, write_dead_letter
 
 log = logging.getLogger("vismem.build")
 DEAD = "dead"
+IDS = "ids"
 
 
 def forgotten_ids(cfg: BuildConfig) -> set:
@@ -49,27 +57,65 @@ def forgotten_ids(cfg: BuildConfig) -> set:
 
 
 def write_shard_attempt(root: str, version: int, token: str, name: str, partition: int, rows: dict, *,
-                        backend: str, backend_params: dict, storage_dtype: str,
-                        started: float | None = None) -> mf.ShardEntry:
+                        backend: str, backend_params: dict, storage: str, target_recall: float | None = None,
+                        tuning_queries=None, started: float | None = None) -> mf.ShardEntry:
     """Write one shard of ``rows`` (ids, embeddings, labels, provenance, optional weights); its manifest entry.
 
     A folder per attempt: a runner may retry a bundle, and a retry must never overwrite files whose
     checksums another attempt's entry records. The manifest names the folder of the attempt it
     publishes; gc removes the others. Build, add and compact all write their shards here.
-    ``build_seconds`` counts from ``started`` (a ``time.perf_counter()``; default: now).
+    ``build_seconds`` counts from ``started`` (a ``time.perf_counter()``; default: now). ``storage``,
+    ``target_recall`` and ``tuning_queries`` (an array) go to ``write_shard``.
     """
     t0 = time.perf_counter() if started is None else started
     rel = mf.shard_dir(version, name, token=token, attempt=uuid.uuid4().hex[:8])
     entry = write_shard(
         root, rel, rows["embeddings"], rows["ids"], rows["labels"], name=name, partition=partition,
         backend_name=backend, weights=rows.get("weights"), backend_params=backend_params or None,
-        provenance={k: rows[k] for k in schema.PROVENANCE_COLUMNS}, storage_dtype=storage_dtype,
+        provenance={k: rows[k] for k in schema.PROVENANCE_COLUMNS}, storage=storage,
+        target_recall=target_recall, tuning_queries=tuning_queries,
     )
     return dataclasses.replace(entry, build_seconds=round(time.perf_counter() - t0, 3))
 
 
-class ReadValidate(beam.DoFn):
-    """One embedding file in; batches of valid, L2-normalised rows out; bad rows to ``dead``."""
+def tuning_sample(path: str | None):
+    """The embeddings of the user's tuning queries (``--tuning-queries``; a random ``memory.tuning.SAMPLE``
+    of them at most), or None."""
+    if not path:
+        return None
+    emb = schema.read_embedding_shards(path)["embeddings"]
+    keep = np.random.default_rng(0).permutation(len(emb))[:tuning.SAMPLE]
+    return np.asarray(emb[np.sort(keep)], dtype=np.float32)
+
+
+def valid_batches(path: str, cfg: BuildConfig, forgotten: set):
+    """``(valid rows, dead-letter records)`` of each batch of one embedding file, valid rows L2-normalised;
+    an unreadable file is one ``(None, [record])``."""
+    try:
+        batches = list(validate.read_batches(path, cfg.batch_rows))
+    except (ValueError, KeyError, pa.ArrowException) as exc:  # bad data, not I/O: one dead-letter record
+        yield None, [{"id": "", "file": path, "row": -1, "label": -1, "source": "", "uri": "",
+                      "reason": f"unreadable embedding shard: {exc}"}]
+        return
+    for batch in batches:
+        yield validate.validate_batch(batch, dim=cfg.dim, num_classes=len(cfg.class_names),
+                                      norm_tolerance=cfg.norm_tolerance, forgotten=forgotten, readmit=cfg.readmit)
+
+
+def id_bucket_count(cfg: BuildConfig) -> int:
+    return max(cfg.num_shards, 4)
+
+
+def assign(batch: dict, cfg: BuildConfig, router) -> np.ndarray:
+    """The shard of each row: by id hash (stable) or by nearest k-means cell."""
+    if cfg.partition == "hash":
+        return hash_partition(batch["ids"], cfg.num_shards)
+    return kmeans_partition(batch["embeddings"], np.asarray(router["centroids"], np.float32), router["cell_partitions"])
+
+
+class StageFile(beam.DoFn):
+    """One embedding file in; its valid rows, split by shard, in staging files: ``(shard, path)`` out.
+    Bad rows to ``dead``; the new ids by bucket to ``ids`` (duplicates are found across all files)."""
 
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
@@ -78,27 +124,41 @@ class ReadValidate(beam.DoFn):
 
     def setup(self):
         self.forgotten = forgotten_ids(self.cfg)
+        self.folder = staging_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
-    def process(self, path):
-        c = self.cfg
-        try:
-            batches = list(validate.read_batches(path, c.batch_rows))
-        except (ValueError, KeyError, pa.ArrowException) as exc:  # bad data, not I/O: one dead-letter record
-            self.rows_dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, [{"id": "", "file": path, "row": -1, "label": -1, "source": "",
-                                                   "uri": "", "reason": f"unreadable embedding shard: {exc}"}])
-            return
-        for batch in batches:
-            good, dead = validate.validate_batch(batch, dim=c.dim, num_classes=len(c.class_names),
-                                                 norm_tolerance=c.norm_tolerance, forgotten=self.forgotten,
-                                                 readmit=c.readmit)
-            self.rows_read.inc(len(batch["ids"]))
+    def process(self, path, router):
+        pieces, count = {}, 0
+        for good, dead in valid_batches(path, self.cfg, self.forgotten):
+            if good is not None:
+                self.rows_read.inc(len(good["ids"]) + len(dead))
+                count += len(good["ids"]) + len(dead)
             if dead:
                 self.rows_dead.inc(len(dead))
                 yield beam.pvalue.TaggedOutput(DEAD, dead)
-            if len(good["ids"]):
-                yield good
-        log.info("read %s: %d rows", path, sum(len(b["ids"]) for b in batches))
+            if good is None or not len(good["ids"]):
+                continue
+            for bucket in new_id_buckets(good, id_bucket_count(self.cfg)):
+                yield beam.pvalue.TaggedOutput(IDS, bucket)
+            for j, rows in split_by_shard(good, assign(good, self.cfg, router)).items():
+                pieces.setdefault(j, []).append(rows)
+        for j, parts in sorted(pieces.items()):
+            yield j, write_piece(self.folder, j, concat_batches(parts))
+        log.info("staged %s: %d rows in %d shards", path, count, len(pieces))
+
+
+class SampleFile(beam.DoFn):
+    """One embedding file in, the k-means training sample of its valid rows out (a first pass; nothing else)."""
+
+    def __init__(self, cfg: BuildConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        self.forgotten = forgotten_ids(self.cfg)
+
+    def process(self, path, fraction):
+        for good, _ in valid_batches(path, self.cfg, self.forgotten):
+            if good is not None and len(good["ids"]):
+                yield sample_rows(good, fraction)
 
 
 def new_id_buckets(batch, num_buckets):
@@ -179,22 +239,6 @@ def train_centroids(sample, cfg: BuildConfig) -> dict:
     return {"centroids": [list(map(float, c)) for c in centroids], "cell_partitions": [int(p) for p in cell_partitions]}
 
 
-class Assign(beam.DoFn):
-    """Rows to ``(shard number, rows)``: by id hash (stable) or by nearest k-means centroid."""
-
-    def __init__(self, cfg: BuildConfig):
-        self.cfg = cfg
-
-    def process(self, batch, router):
-        if self.cfg.partition == "hash":
-            part = hash_partition(batch["ids"], self.cfg.num_shards)
-        else:
-            part = kmeans_partition(batch["embeddings"], np.asarray(router["centroids"], np.float32),
-                                    router["cell_partitions"])
-        for j in np.unique(part):
-            yield int(j), validate.take(batch, np.flatnonzero(part == j))
-
-
 class WriteShard(beam.DoFn):
     """All rows of one shard in; its index and files written by the memory core's writer;
     ``(its ShardEntry, the forgotten ids it re-admits)`` out."""
@@ -206,11 +250,12 @@ class WriteShard(beam.DoFn):
 
     def setup(self):
         self.forgotten = forgotten_ids(self.cfg) if self.cfg.readmit else set()
+        self.tuning_queries = tuning_sample(self.cfg.tuning_queries)
 
     def process(self, element, duplicates):
         c = self.cfg
-        part, batches = element
-        batch = validate.concat(list(batches))
+        part, paths = element
+        batch = read_pieces(sorted(paths))  # the shard's rows, staged by StageFile
         dup = np.fromiter((i in duplicates for i in batch["ids"]), dtype=bool, count=len(batch["ids"]))
         if dup.any():
             idx = np.flatnonzero(dup)
@@ -220,7 +265,8 @@ class WriteShard(beam.DoFn):
         if not len(batch["ids"]):
             return
         entry = write_shard_attempt(c.out, c.version, c.token, c.shard_name(part), part, batch, backend=c.backend,
-                                    backend_params=c.backend_params, storage_dtype=c.storage_dtype)
+                                    backend_params=c.backend_params, storage=c.storage,
+                                    target_recall=c.target_recall, tuning_queries=self.tuning_queries)
         self.shards_written.inc()
         self.items_written.inc(entry.count)
         log.info("shard %s written: %d items in %.2f s", entry.name, entry.count, entry.build_seconds)
@@ -228,34 +274,38 @@ class WriteShard(beam.DoFn):
         yield entry, readmitted
 
 
+def clean_staging(result, cfg: BuildConfig):
+    remove_staging(cfg.out, cfg.version, cfg.token)
+    return result
+
+
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
     """Add the build's transforms to ``p`` (the graph in this module's docstring)."""
     files = p | "Files" >> beam.Create(list(cfg.files)) | "SpreadFiles" >> beam.Reshuffle()
-    read = files | "ReadValidate" >> beam.ParDo(ReadValidate(cfg)).with_outputs(DEAD, main="good")
-    good = read.good
-    buckets = max(cfg.num_shards, 4)
-    id_parts = good | "NewIdBuckets" >> beam.FlatMap(new_id_buckets, buckets)
-    if cfg.existing:
-        old = (p | "MemoryShards" >> beam.Create(list(cfg.existing)) | "SpreadShards" >> beam.Reshuffle()
-               | "OldIdBuckets" >> beam.FlatMap(existing_id_buckets, cfg.out, buckets))
-        id_parts = (id_parts, old) | "AllIds" >> beam.Flatten()
-    duplicates = id_parts | "GroupIds" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(find_duplicates)
     if cfg.partition == "kmeans" and cfg.centroids is None:
         fraction = min(1.0, cfg.kmeans_sample / max(cfg.total_rows, 1))
-        router = (good | "Sample" >> beam.Map(sample_rows, fraction)
-                     | "PoolSample" >> beam.CombineGlobally(ConcatRows(cfg.dim))
-                     | "KMeans" >> beam.Map(train_centroids, cfg))
+        router = (files | "Sample" >> beam.ParDo(SampleFile(cfg), fraction)
+                  | "PoolSample" >> beam.CombineGlobally(ConcatRows(cfg.dim))
+                  | "KMeans" >> beam.Map(train_centroids, cfg))
     else:
         known = None if not cfg.centroids else {
             "centroids": [list(c) for c in cfg.centroids],
             "cell_partitions": list(cfg.cell_partitions or range(len(cfg.centroids)))}
         router = p | "KnownRouter" >> beam.Create([known])
-    written = (good | "Assign" >> beam.ParDo(Assign(cfg), beam.pvalue.AsSingleton(router))
-               | "GroupByShard" >> beam.GroupByKey()
+    staged = files | "Stage" >> beam.ParDo(StageFile(cfg), beam.pvalue.AsSingleton(router)).with_outputs(
+        DEAD, IDS, main="pieces")
+    id_parts = staged[IDS]
+    if cfg.existing:
+        old = (p | "MemoryShards" >> beam.Create(list(cfg.existing)) | "SpreadShards" >> beam.Reshuffle()
+               | "OldIdBuckets" >> beam.FlatMap(existing_id_buckets, cfg.out, id_bucket_count(cfg)))
+        id_parts = (id_parts, old) | "AllIds" >> beam.Flatten()
+    duplicates = id_parts | "GroupIds" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(find_duplicates)
+    written = (staged.pieces | "GroupByShard" >> beam.GroupByKey()
                | "WriteShard" >> beam.ParDo(WriteShard(cfg), beam.pvalue.AsDict(duplicates))
                .with_outputs(DEAD, main="entry"))
-    dead = ((read[DEAD], written[DEAD]) | "AllDead" >> beam.Flatten()
+    dead = ((staged[DEAD], written[DEAD]) | "AllDead" >> beam.Flatten()
             | "PoolDead" >> beam.CombineGlobally(ConcatLists())
             | "WriteDeadLetter" >> beam.Map(write_dead_letter, cfg))
     return (written.entry | "Entries" >> beam.combiners.ToList()
-            | "Publish" >> beam.Map(publish, cfg, beam.pvalue.AsSingleton(dead), beam.pvalue.AsSingleton(router)))
+            | "Publish" >> beam.Map(publish, cfg, beam.pvalue.AsSingleton(dead), beam.pvalue.AsSingleton(router))
+            | "CleanStaging" >> beam.Map(clean_staging, cfg))

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memory import manifest as mf
-from memory import mutations, removals, storage
-from pipelines import validate
+from memory import publishing, removals, storage
+from pipelines import build_rebase, validate
 from pipelines.build_config import BuildConfig
 
 log = logging.getLogger("vismem.build")
@@ -29,27 +29,38 @@ def write_dead_letter(records, cfg: BuildConfig) -> dict:
 
 
 def publish(written, cfg: BuildConfig, dead: dict, router) -> dict:
-    """Write the new version's manifest: the last step, reached only when every shard was written.
+    """Publish the new version's manifest: the last step, reached only when every shard was written.
 
-    ``written``: ``(ShardEntry, re-admitted ids)`` of every shard the workers wrote.
+    ``written``: ``(ShardEntry, re-admitted ids)`` of every shard the workers wrote. A build creates
+    version 1 (``ConcurrentUpdate`` if another build did first). An add derives from the latest
+    version: when other writers published during the add, it rebases onto their version
+    (``memory.publishing``): its shards do not depend on removals made meanwhile, but an id
+    forgotten or added by them since the add's parent is tombstoned in the add's shards.
     """
-    latest = mf.latest_version(cfg.out)
-    if latest != cfg.parent_version:
-        raise RuntimeError(f"{cfg.out} changed during the build (version {latest} was published meanwhile); "
-                           "nothing was published: run the build again")
     if not written:
         raise ValueError(f"no valid rows to publish ({dead['count']} rejected, see {dead['path']})")
+    done = find_published(cfg.out, cfg.token, cfg.version)
+    if done is not None:  # a runner retrying this step after it published: publish nothing twice
+        return {"version": done}
     written = sorted(written, key=lambda w: (w[0].partition, w[0].name))
     entries = [entry for entry, _ in written]
+    for e in entries:  # a writer lease kept gc away; say so plainly if something else removed them
+        if not storage.exists(storage.join(cfg.out, e.path)):
+            raise RuntimeError(f"shard folder {e.path} of this run vanished from {cfg.out}; nothing was published")
     readmitted = {i for _, ids in written for i in ids}
-    detail = {"items": sum(e.count for e in entries), "files": len(cfg.files), "dead_letter": dead}
+    detail = {"items": sum(e.count for e in entries), "files": len(cfg.files), "dead_letter": dead,
+              "token": cfg.token}
     if cfg.parent_version is None:
-        manifest = _build_manifest(cfg, entries, detail, router)
+        mf.publish(cfg.out, _build_manifest(cfg, entries, detail, router))
+        version = cfg.version
     else:
-        manifest = _add_manifest(cfg, entries, detail, readmitted)
-    mf.write_manifest(cfg.out, manifest)
-    log.info("published %s version %d: %d items in %d shards", cfg.out, cfg.version, detail["items"], len(entries))
-    return {"version": cfg.version}
+        parent = mf.read_manifest(cfg.out, cfg.parent_version)
+        rebase = build_rebase.Rebase(cfg, parent, entries, readmitted)
+        _, manifest, _ = publishing.publish_derived(
+            cfg.out, lambda latest: rebase.manifest(latest, dict(detail)), what=f"add to {cfg.out}")
+        version = manifest.version
+    log.info("published %s version %d: %d items in %d shards", cfg.out, version, detail["items"], len(entries))
+    return {"version": version}
 
 
 def _build_manifest(cfg: BuildConfig, entries: list, detail: dict, router) -> mf.Manifest:
@@ -62,32 +73,41 @@ def _build_manifest(cfg: BuildConfig, entries: list, detail: dict, router) -> mf
     )
 
 
-def _add_manifest(cfg: BuildConfig, entries: list, detail: dict, readmitted: set) -> mf.Manifest:
-    """The parent's manifest plus the added shards; re-admitted ids leave the forget list."""
-    parent = mf.read_manifest(cfg.out, cfg.parent_version)
-    forget = "keep"
-    if readmitted:
-        old = removals.forget_list(cfg.out, parent)
-        rows = [r for r in zip(old.column("id").to_pylist(), old.column("version").to_pylist(),
-                               old.column("reason").to_pylist()) if r[0] not in readmitted]
-        forget = removals.write_table(cfg.out, removals.state_path(cfg.version, "forget.parquet", cfg.token),
-                                      removals.forget_table(rows))
-        detail["readmitted"] = len(readmitted)
-    return mutations.derive_manifest(parent, version=cfg.version, change="add", detail=detail,
-                                     shards=[*parent.shards, *entries], forget=forget,
-                                     class_names=list(cfg.class_names))
+def find_published(out: str, token: str, since: int) -> int | None:
+    """The version a build, add or compaction with ``token`` published (from ``since`` on), or None."""
+    for v in reversed(mf.list_versions(out)):
+        if v < since:
+            return None
+        try:
+            if (mf.read_manifest(out, v).change_detail or {}).get("token") == token:
+                return v
+        except FileNotFoundError:
+            continue  # collected meanwhile: not this run's (gc keeps the latest)
+    return None
 
 
-def summarise(out: str, version: int, parent: mf.Manifest | None, run: dict) -> dict:
-    """What a build or add did, from the manifest it published."""
+def published_version(out: str, token: str, since: int) -> int:
+    """The version a run with ``token`` published (it may have rebased past ``since``)."""
+    version = find_published(out, token, since)
+    if version is None:
+        raise RuntimeError(f"the run with token {token} published no version of {out}")
+    return version
+
+
+def summarise(out: str, token: str, since: int, run: dict) -> dict:
+    """What a build or add did, from the manifest it published (found by its token, from ``since`` on)."""
+    version = published_version(out, token, since)
     m = mf.read_manifest(out, version)
-    old = {e.path for e in parent.shards} if parent else set()
-    new = [e for e in m.shards if e.path not in old]
-    items = sum(e.count for e in new)
+    new = [e for e in m.shards if f".{token}/" in e.path]
+    dead = removals.tombstones_by_shard(out, m)
+    items = sum(e.count - len(dead.get(e.path, ())) for e in new)
     nbytes = sum(f["bytes"] for e in new for f in e.files.values())
-    return {
+    out_ = {
         "memory": out, "version": version, "change": m.change, "items_added": items,
         "items_total": m.live_count, "dead_letter": m.change_detail["dead_letter"],
         "shards": [{"name": e.name, "count": e.count, "build_seconds": e.build_seconds} for e in new],
         "bytes_per_item": round(nbytes / max(items, 1), 1), "wall_seconds": run["seconds"], "counters": run["counters"],
     }
+    if "rebased" in m.change_detail:
+        out_["rebased"] = m.change_detail["rebased"]
+    return out_

@@ -3,8 +3,10 @@
 The driver checks everything at the door, then Ray runs :mod:`pipelines.embed_worker`: CPU tasks
 decode input shards, a pool of encoder actors (each loads its encoder and teacher once; one GPU each
 when the cluster has GPUs) embeds and labels them and writes one output per input shard; the driver
-keeps a bounded window of shards in flight (backpressure) and draws the progress bar. Work is
-resumable per input shard (see :mod:`pipelines.outputs`).
+keeps a bounded window of shards in flight (backpressure) and draws the progress bar. An actor lost
+with its node is replaced and its shard done again elsewhere (:mod:`pipelines.embed_pool`); each shard
+is written whole under its final name, so every row is there exactly once. Work is resumable per
+input shard (see :mod:`pipelines.outputs`).
 
 Example::
 
@@ -13,14 +15,17 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import sys
 import time
 
 from memory import storage
 from pipelines import outputs
+from pipelines.embed_pool import EmbedPool
 from pipelines.embed_summary import EncodeRun, build_summary
 from pipelines.embed_worker import EncoderWorker, Progress, decode_shard
 from pipelines.images import DEFAULT_MAX_PIXELS
@@ -161,32 +166,42 @@ class _Placement:
 def _encode_on_ray(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list) -> EncodeRun:
     """Start (or join) Ray, run the shards in ``todo`` through a pool of encoder actors, stop Ray if started."""
     import ray
-    from ray.util import ActorPool
 
-    started = _init_ray(cfg.ray_address)
-    try:
-        place = _Placement.of(cfg, ray.cluster_resources())
-        opts = dict(num_cpus=place.actor_cpus, max_restarts=3, max_task_retries=3)
-        if place.device == "cuda":
-            opts["num_gpus"] = 1
-        worker_cls = ray.remote(EncoderWorker).options(**opts)
-        workers = [worker_cls.remote(cfg.encoder, image_size, cfg.teacher, label_map.mapping if label_map else None,
-                                     cfg.min_confidence, cfg.batch_size, cfg.dtype, place.threads, place.device,
-                                     cfg.out, source.spec.name)
-                   for _ in range(place.workers)]
-        decode_cpus = min(1.0, place.cpus - place.actor_cpus * place.workers) or 0.5
-        decode = ray.remote(num_cpus=decode_cpus, max_retries=3)(decode_shard)
-        window = 2 * place.workers
-        source_ref = ray.put(source)  # once: a folder source carries its whole file listing
-        feeder = _Feeder(decode, source_ref, image_size, cfg.max_pixels)
-        feeder.prefetch(todo[:window])  # the first shards decode while the actors load their models
-        workers_info = ray.get([w.ready.remote() for w in workers])
-        t_encode = time.perf_counter()
-        stats = feeder.run(ActorPool(workers), todo, window, cfg.progress)
-        return EncodeRun(stats, workers_info, place.ray_info(cfg.ray_address), time.perf_counter() - t_encode)
-    finally:
-        if started:
-            ray.shutdown()
+    # Ray prints cluster events (a node marked dead, a task retried) to the driver's stdout, which carries
+    # vismem's JSON summary: while Ray is connected, stdout goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        started = _init_ray(cfg.ray_address)
+        try:
+            return _encode(cfg, source, image_size, label_map, todo)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list) -> EncodeRun:
+    """The encoding stage on the connected cluster: actors placed, shards fed, lost actors replaced."""
+    import ray
+
+    place = _Placement.of(cfg, ray.cluster_resources())
+    # No Ray restarts: the pool replaces a lost actor itself (see pipelines.embed_pool).
+    opts = dict(num_cpus=place.actor_cpus, max_restarts=0, max_task_retries=0)
+    if place.device == "cuda":
+        opts["num_gpus"] = 1
+    worker_cls = ray.remote(EncoderWorker).options(**opts)
+    args = (cfg.encoder, image_size, cfg.teacher, label_map.mapping if label_map else None, cfg.min_confidence,
+            cfg.batch_size, cfg.dtype, place.threads, place.device, cfg.out, source.spec.name)
+    # Decoding reserves no CPU: after a node loss the surviving CPUs may all be held by encoder actors,
+    # and a decode task that waited for one would stall the run. At most one shard per actor decodes ahead.
+    decode = ray.remote(num_cpus=0, max_retries=3)(decode_shard)
+    source_ref = ray.put(source)  # once: a folder source carries its whole file listing
+    feeder = _Feeder(decode, source_ref, image_size, cfg.max_pixels)
+    feeder.prefetch(todo[:2 * place.workers])  # the first shards decode while the actors load their models
+    pool = EmbedPool(lambda: worker_cls.remote(*args), place.workers)
+    workers_info = pool.wait_ready()
+    t_encode = time.perf_counter()
+    stats = feeder.run(pool, todo, cfg.progress)
+    return EncodeRun(stats, workers_info, {**place.ray_info(cfg.ray_address), "actors_lost": pool.lost},
+                     time.perf_counter() - t_encode)
 
 
 def _init_ray(address: str | None) -> bool:
@@ -208,55 +223,56 @@ def _init_ray(address: str | None) -> bool:
 
 
 class _Feeder:
-    """Feeds shards to the actor pool with at most ``window`` in flight (the first ones already decoding);
+    """Feeds shards to the actor pool, the next ones decoding while the actors embed (one per actor ahead);
     a progress bar tracks images/s and the time left."""
 
     def __init__(self, decode, source_ref, image_size: int, max_pixels: int):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.decode, self.source_ref = decode, source_ref
         self.image_size, self.max_pixels = image_size, max_pixels
         self.decoding: dict = {}  # shard name -> decode task started ahead of its turn
-        self.progress = ray.remote(num_cpus=0)(Progress).remote()
+        # The counter lives on the driver's node (a lost worker node must not take it, and the run, down)
+        # and restarts if it is lost anyway: it only draws the bar, so a count that starts over is harmless.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.progress = ray.remote(Progress).options(num_cpus=0, max_restarts=-1,
+                                                     scheduling_strategy=here).remote()
 
     def prefetch(self, shards: list) -> None:
+        """Start decoding ``shards`` (those not decoding yet) ahead of their turn."""
         for s in shards:
-            self.decoding[s.name] = self._decode(s)
+            if s.name not in self.decoding:
+                self.decoding[s.name] = self._decode(s)
 
     def _decode(self, shard):
         return self.decode.remote(self.source_ref, shard, self.image_size, self.max_pixels)
 
-    def run(self, pool, todo: list, window: int, show_progress: bool) -> list[dict]:
+    def run(self, pool: EmbedPool, todo: list, show_progress: bool) -> list[dict]:
         """Every shard of ``todo`` through ``pool``; the stats each returned, in completion order."""
         from tqdm import tqdm
 
         sizes = [s.size for s in todo]
         total = None if any(s is None for s in sizes) else sum(sizes)
         bar = tqdm(total=total, desc="embed", unit="img", disable=not show_progress, dynamic_ncols=True)
-        pending = list(todo)
-        stats = []
         try:
-            for _ in range(min(window, len(pending))):
-                self._submit(pool, pending.pop(0))
-            while pool.has_next():
-                try:
-                    stats.append(pool.get_next_unordered(timeout=0.5))
-                except TimeoutError:
-                    self._refresh(bar, total)
-                    continue
-                if pending:
-                    self._submit(pool, pending.pop(0))
+            stats = pool.run(todo, self._submit, self.prefetch, lambda: self._refresh(bar, total),
+                             key=lambda shard: f"input shard {shard.name}")
             self._refresh(bar, total)
+            return stats
         finally:
             bar.close()
-        return stats
 
-    def _submit(self, pool, shard) -> None:
+    def _submit(self, actor, shard):
+        # A shard queued again after its actor was lost is decoded again: its first decoding went with the call.
         decoded = self.decoding.pop(shard.name) if shard.name in self.decoding else self._decode(shard)
-        pool.submit(lambda actor, v: actor.process.remote(*v), (shard, decoded, self.progress))
+        return actor.process.remote(shard, decoded, self.progress)
 
     def _refresh(self, bar, total: int | None) -> None:
         import ray
 
-        done = ray.get(self.progress.get.remote())  # a retried shard counts twice: never run past the total
+        try:
+            done = ray.get(self.progress.get.remote())  # a retried shard counts twice: never run past the total
+        except ray.exceptions.RayActorError:
+            return  # the counter is being restarted after a node loss: the bar waits, the run does not
         bar.update(max(0, (min(done, total) if total else done) - bar.n))

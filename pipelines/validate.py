@@ -31,6 +31,23 @@ def read_batches(path: str, max_rows: int):
                **{c: np.asarray(data["provenance"][c])[sl] for c in schema.PROVENANCE_COLUMNS}}
 
 
+def check_inputs(info: dict, dim: int, where) -> None:
+    """Refuse at the door embedding shards no row of which could be added: none readable, no rows, or
+    none of the memory's dimension (``info``: ``pipelines.build.inspect_inputs``). Otherwise every
+    row would go to the dead letter and the run would fail only after the whole Beam job.
+
+    Raises:
+        ValueError: naming the shards and what they hold.
+    """
+    if not info["dims"]:
+        raise ValueError(f"none of the embedding shards at {where} is readable")
+    if info["rows"] == 0:
+        raise ValueError(f"the embedding shards at {where} hold no rows")
+    if dim not in info["dims"]:
+        found = ", ".join(f"{d}-d" if d > 0 else "variable-length" for d in sorted(info["dims"]))
+        raise ValueError(f"the embedding shards at {where} hold {found} embeddings, none of dimension {dim}")
+
+
 def take(batch: dict, idx) -> dict:
     """The rows ``idx`` of a batch."""
     files = batch["file"]

@@ -1,4 +1,5 @@
 """Shared fixtures: seeded clustered embeddings with a brute-force oracle, and a real GCS emulator."""
+import atexit
 import os
 import signal
 import socket
@@ -9,6 +10,26 @@ import uuid
 
 import numpy as np
 import pytest
+
+# Arrow's I/O threads can abort the interpreter while it tears down (apache/arrow#34314: "terminate
+# called without an active exception", status 134), which once turned a green run into make's rc 2.
+# Once pytest has decided its status and the exit handlers registered after this one have run (Ray's,
+# Beam's), end the process with that status instead of finalising the interpreter.
+_session_status: list = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _session_status[:] = [int(exitstatus)]
+
+
+def _leave():
+    if _session_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_session_status[0])
+
+
+atexit.register(_leave)
 
 
 def clustered(n, dim, clusters, seed, noise=0.3):

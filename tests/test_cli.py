@@ -42,7 +42,7 @@ def test_query_writes_predictions_with_neighbours(tmp_path):
 def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
     res = _run("query", str(tmp_path / "missing"), str(tmp_path / "q.parquet"))
     assert res.returncode == 2
-    assert "embedding shard not found" in res.stderr and "Traceback" not in res.stderr
+    assert "no memory at" in res.stderr and "Traceback" not in res.stderr  # the memory is checked first
     x, labels = clustered(50, 12, 3, seed=22)
     write_memory(str(tmp_path / "m"), x, labels, [f"m{i}" for i in range(50)], class_names=["x", "y", "z"])
     schema.write_embeddings(str(tmp_path / "q.parquet"), schema.embedding_table(["q"], x[:1, :6], [0]))
@@ -53,3 +53,24 @@ def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
 def test_help_teaches():
     res = _run("query", "--help")
     assert res.returncode == 0 and "example: vismem query" in res.stdout and "rank" in res.stdout
+
+
+def test_a_large_k_searches_in_smaller_batches_with_the_same_answers(tmp_path, monkeypatch):
+    from memory import query
+
+    x, labels = clustered(260, 12, 3, seed=23, noise=0.3)
+    write_memory(str(tmp_path / "m"), x[:200], labels[:200], [f"m{i}" for i in range(200)], num_shards=2,
+                 class_names=["x", "y", "z"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table([f"q{i}" for i in range(60)], x[200:], labels[200:]))
+    whole = query.query_memory(str(tmp_path / "m"), str(tmp_path / "q.parquet"), k=200, out=str(tmp_path / "a.pq"))
+    calls = []
+    monkeypatch.setattr(query, "SLOTS_PER_BATCH", 200 * 7)  # 7 queries per search at k = 200
+    real = query.Memory.classify
+    monkeypatch.setattr(query.Memory, "classify",
+                        lambda self, q, *a, **kw: calls.append(len(q)) or real(self, q, *a, **kw))
+    small = query.query_memory(str(tmp_path / "m"), str(tmp_path / "q.parquet"), k=200, out=str(tmp_path / "b.pq"))
+    assert calls == [7] * 8 + [4]
+    assert small["top1_accuracy"] == whole["top1_accuracy"]
+    a, b = pq.read_table(tmp_path / "a.pq").to_pydict(), pq.read_table(tmp_path / "b.pq").to_pydict()
+    assert a == b and all(len(n) == 200 for n in a["neighbour_ids"])

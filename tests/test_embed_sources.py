@@ -110,3 +110,79 @@ def test_encoder_actor_killed_mid_run_is_restarted_and_no_row_is_lost(tmp_path):
     run = read_run(str(out))
     assert run["ids"].tolist() == [f"fashion-mnist/test/{i:05d}" for i in range(200)]
     assert len(OutputLayout(str(out)).completed()) == 5
+
+
+class _CountingFile(io.RawIOBase):
+    """A file that counts the bytes read through it."""
+
+    def __init__(self, inner, counter):
+        self.inner, self.counter = inner, counter
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.inner.seek(offset, whence)
+
+    def tell(self):
+        return self.inner.tell()
+
+    def read(self, n=-1):
+        data = self.inner.read(n)
+        self.counter[0] += len(data)
+        return data
+
+    def readinto(self, buf):
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.inner.close()
+        super().close()
+
+
+def test_a_parquet_shard_reads_only_its_row_groups(tmp_path, monkeypatch):
+    from memory import storage
+    from pipelines.sources import open_source
+
+    # 10 row groups of 20 rows, 10 kB of incompressible "image" bytes per row: 2 MB in all.
+    rng = np.random.default_rng(5)
+    payloads = [rng.bytes(10_000) for _ in range(200)]
+    path = tmp_path / "src" / "part.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": payloads, "label": np.arange(200) % 7, "id": [f"r{i}" for i in range(200)]}),
+                   path, row_group_size=20, compression="none")
+    size = path.stat().st_size
+    assert pq.ParquetFile(path).metadata.num_row_groups == 10
+    source = open_source(SourceSpec(str(tmp_path / "src"), shard_size=30))
+    shards = source.shards()
+    assert [s.items[1:] for s in shards] == [(a, min(200, a + 30)) for a in range(0, 200, 30)]
+
+    counter = [0]
+    real = storage.filesystem
+
+    class CountingFS:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open(self, p, mode="rb"):
+            return _CountingFile(self.fs.open(p, mode), counter)
+
+    monkeypatch.setattr("pipelines.sources.parquet.storage.filesystem",
+                        lambda uri: (CountingFS(real(uri)[0]), real(uri)[1]))
+    for shard in shards:
+        counter[0] = 0
+        records = list(source.read(shard))
+        a, b = shard.items[1:]
+        # Oracle: the shard's own rows, in order, with their bytes and labels.
+        assert [r.id for r in records] == [f"src/r{i}" for i in range(a, b)]
+        assert [r.payload for r in records] == payloads[a:b]
+        assert [r.label for r in records] == [i % 7 for i in range(a, b)]
+        # Rows a..b span at most 3 row groups of 20 rows (30 rows, unaligned): at most 3/10 of the file plus the
+        # footer, where reading the whole file once per shard (as before) reads all of it.
+        groups = len(range(a // 20, (b - 1) // 20 + 1))
+        assert counter[0] < size * (groups + 0.5) / 10, (shard.items, counter[0], size)

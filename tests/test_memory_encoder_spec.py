@@ -39,3 +39,41 @@ def test_bad_specs():
         EncoderSpec("")
     with pytest.raises(ValueError, match="positive integer"):
         EncoderSpec("e", image_size=0)
+
+
+def test_agreed_keeps_every_field_and_compares_every_shard_with_every_other():
+    from memory.encoder_spec import agreed
+
+    sized = EncoderSpec("efficientnet-lite0", "imagenet-0.1.0", 64)
+    pre = EncoderSpec("efficientnet-lite0", preprocessing="rgb (x - 127) / 128")
+    assert agreed([("a", sized), ("b", None), ("c", pre)]) == LITE0  # fields from several shards, none missing
+    assert agreed([("a", None)]) is None and agreed([]) is None
+    # Two shards that each agree with the best described one, but not with each other.
+    other = EncoderSpec("efficientnet-lite0", preprocessing="rgb x / 255")
+    with pytest.raises(ValueError, match=r"different encoders: encoders differ in preprocessing: "
+                                         r"efficientnet-lite0 \(preprocessing=rgb \(x - 127\) / 128\) vs "
+                                         r"efficientnet-lite0 \(preprocessing=rgb x / 255\) "
+                                         r"\(b.parquet vs c.parquet\)"):
+        agreed([("a.parquet", sized), ("b.parquet", pre), ("c.parquet", other)])
+
+
+def test_against_a_memory_names_both_sides():
+    from memory.encoder_spec import check_against_memory
+
+    check_against_memory(LITE0.to_manifest(), EncoderSpec("efficientnet-lite0", image_size=64), memory="m",
+                         inputs_what="queries q")
+    check_against_memory({}, EncoderSpec("x"), memory="m", inputs_what="queries q")  # unknown passes
+    check_against_memory(LITE0.to_manifest(), None, memory="m", inputs_what="queries q")
+    for other, field in ((EncoderSpec("efficientnet-lite0", "imagenet-0.1.0", 96), "image_size"),
+                         (EncoderSpec("efficientnet-lite0", preprocessing="rgb x / 255"), "preprocessing"),
+                         (EncoderSpec("efficientnet-lite0", "imagenet-0.2.0"), "version"),
+                         (EncoderSpec("dinov2-vits14"), "name")):
+        with pytest.raises(ValueError, match=rf"queries q do not match memory m \(the memory's encoder first, "
+                                             rf"theirs second\): encoders differ in {field}: efficientnet-lite0 "
+                                             rf"\(.*\) vs {other.name}"):
+            check_against_memory(LITE0.to_manifest(), other, memory="m", inputs_what="queries q")
+
+
+def test_unreadable_image_size_in_shard_metadata_is_named():
+    with pytest.raises(ValueError, match="image_size must be a positive integer, got 'big'"):
+        EncoderSpec.from_metadata({"encoder": "e", "image_size": "big"})

@@ -1,5 +1,6 @@
 """memory.manifest: the typed manifest round-trips every stored form exactly and names bad fields."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -95,14 +96,20 @@ def test_bad_fields_are_named_on_read(root, change, message):
         mf.read_manifest(root)
 
 
-def test_write_manifest_validates_and_never_overwrites(tmp_path, root):
+def test_publish_validates_and_never_overwrites(tmp_path, root):
     d = _stored(root, 1)
-    with pytest.raises(MemoryFormatError, match="already exists"):
-        mf.write_manifest(root, Manifest.from_json(d))
-    with pytest.raises(TypeError, match="write_manifest takes a Manifest, got dict"):
-        mf.write_manifest(str(tmp_path / "other"), d)
-    path = mf.write_manifest(str(tmp_path / "other"), Manifest.from_json(d))
+    before = open(mf.manifest_path(root, 1), "rb").read()
+    other = dict(d, change="remove", parent_version=7)
+    with pytest.raises(mf.ConcurrentUpdate, match=f"version 1 of {root} was published meanwhile by a 'write'"):
+        mf.publish(root, Manifest.from_json(other))
+    assert open(mf.manifest_path(root, 1), "rb").read() == before  # the winner's manifest is untouched
+    with pytest.raises(TypeError, match="publish takes a Manifest, got dict"):
+        mf.publish(str(tmp_path / "other"), d)
+    path = mf.publish(str(tmp_path / "other"), Manifest.from_json(d))
     assert json.load(open(path)) == d
+    assert mf.publish(str(tmp_path / "other"), Manifest.from_json(d)) == path  # its own bytes: a retried create
+    assert os.listdir(tmp_path / "other" / "manifests") == ["v00000001.json"]  # no temporaries left
+    assert mf.write_manifest is mf.publish
 
 
 def test_shard_names():

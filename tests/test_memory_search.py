@@ -88,12 +88,14 @@ def test_scann_recall_against_oracle(tmp_path):
         path = str(tmp_path / f"s{shards}")
         manifest = write_memory(path, x, labels, ids, num_shards=shards, backend="scann",
                                 class_names=[str(i) for i in range(100)],
-                                backend_params={"brute_force": False})
+                                backend_params={"brute_force": False}, target_recall=None)
         assert all(s.backend == "scann" and not s.params["brute_force"] for s in manifest.shards)
         with Memory.open(path) as mem:
             got = mem.search(q, 10).ids
         recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
-        # Tree + anisotropic hashing + exact reordering of 100: measured ~0.99 here; 0.95 leaves margin.
+        # Tree + anisotropic hashing + exact reordering of 100 at the default (untuned) settings:
+        # measured ~0.99 here; 0.95 leaves margin. (Tuned to 0.95 on the shards' own items, these
+        # queries, drawn around other centres, get 0.84: the tuning sample must resemble the queries.)
         assert recall >= 0.95, (shards, recall)
 
 

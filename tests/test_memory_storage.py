@@ -78,3 +78,44 @@ def test_remove_is_quiet_when_missing(tmp_path):
     (tmp_path / "t" / "u").mkdir(parents=True)
     storage.remove(str(tmp_path / "t"), recursive=True)
     assert not storage.exists(str(tmp_path / "t"))
+
+
+def test_create_new_refuses_an_existing_file_and_leaves_no_temporaries(tmp_path):
+    path = str(tmp_path / "d" / "v.json")
+    storage.create_new(path, b"first")
+    with pytest.raises(FileExistsError):
+        storage.create_new(path, b"second")
+    assert storage.read_bytes(path) == b"first" and os.listdir(tmp_path / "d") == ["v.json"]
+
+
+def test_create_new_has_exactly_one_winner_among_racing_writers(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(tmp_path / "v.json")
+    start = threading.Barrier(8)
+
+    def create(i):
+        start.wait()
+        try:
+            storage.create_new(path, f"writer {i}".encode())
+            return i
+        except FileExistsError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        winners = [i for i in pool.map(create, range(8)) if i is not None]
+    assert len(winners) == 1 and storage.read_bytes(path) == f"writer {winners[0]}".encode()
+    assert os.listdir(tmp_path) == ["v.json"]
+
+
+def test_create_new_without_hard_links_uses_an_exclusive_create(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = str(tmp_path / "v.json")
+    storage.create_new(path, b"first")
+    with pytest.raises(FileExistsError):
+        storage.create_new(path, b"second")
+    assert storage.read_bytes(path) == b"first" and os.listdir(tmp_path) == ["v.json"]

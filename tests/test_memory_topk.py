@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from memory.topk import merge_topk, order_best_first
+from memory.topk import first_cut, merge_keys, merge_topk, merge_with_refetch, order_best_first
 
 
 def _oracle(sims, ids, k):
@@ -54,3 +54,79 @@ def test_order_best_first_breaks_ties_by_key_and_puts_padding_last():
     sims = np.array([[0.2, -np.inf, 0.7, 0.7, 0.2]], np.float32)
     keys = np.array([[5, 0, 9, 1, 3]])
     assert order_best_first(sims, keys).tolist() == [[3, 2, 4, 0, 1]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_keys_on_numbers_equals_brute_force(seed):
+    # The memory's merge: integer keys, ids looked up only for tied rows; same rule as merge_topk.
+    rng = np.random.default_rng(seed)
+    q, shards, k = 9, 5, 4
+    names = np.array([f"id-{i:03d}" for i in rng.permutation(200)], dtype=object)  # key -> id, not sorted
+    pool = np.round(rng.uniform(-1, 1, 8), 1)  # few distinct values: many ties, also across the cut
+    results = []
+    for s in range(shards):
+        n = rng.integers(0, k + 1)
+        sims = np.concatenate([rng.choice(pool, (q, n)), np.full((q, k - n), -np.inf)], 1).astype(np.float32)
+        keys = np.concatenate([rng.integers(s * 40, s * 40 + 40, (q, n)), np.full((q, k - n), -1)], 1)
+        order = order_best_first(sims, np.where(keys >= 0, names[keys], ""))
+        results.append((np.take_along_axis(sims, order, 1), np.take_along_axis(keys, order, 1)))
+
+    def ids_of(keys):
+        return np.where(keys >= 0, names[np.maximum(keys, 0)], "")
+
+    sims, keys = merge_keys(results, k, ids_of)
+    all_s = np.concatenate([r[0] for r in results], 1)
+    all_i = ids_of(np.concatenate([r[1] for r in results], 1))
+    want = _oracle(all_s, all_i, k)
+    real = np.isfinite(sims)
+    np.testing.assert_array_equal(np.where(real, names[np.maximum(keys, 0)], ""), np.where(real, want, ""))
+    assert (sims[:, 1:] <= sims[:, :-1]).all()  # best first, padding (-inf) last
+
+
+def test_merge_keys_looks_up_no_id_without_ties():
+    sims = [np.array([[0.9, 0.4], [0.8, 0.1]], np.float32), np.array([[0.7, 0.5], [0.6, 0.2]], np.float32)]
+    keys = [np.array([[1, 2], [3, 4]]), np.array([[11, 12], [13, 14]])]
+
+    def no_ids(keys):
+        raise AssertionError("ids looked up without a tie")
+
+    s, got = merge_keys(list(zip(sims, keys)), 3, no_ids)
+    assert got.tolist() == [[1, 11, 12], [3, 13, 14]]
+    np.testing.assert_allclose(s, [[0.9, 0.7, 0.5], [0.8, 0.6, 0.2]])
+
+
+def test_order_best_first_keeps_sorted_rows_and_still_breaks_their_ties():
+    sims = np.array([[0.9, 0.5, 0.5, 0.1], [0.8, 0.7, 0.6, -np.inf]], np.float32)  # already best first
+    keys = np.array([[1, 7, 3, 2], [4, 5, 6, 0]])
+    assert order_best_first(sims, keys).tolist() == [[0, 2, 1, 3], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_with_refetch_equals_merging_full_lists(seed):
+    # Shards answer a short cut first; the merge asks again only where a shard may hold more.
+    rng = np.random.default_rng(seed)
+    q, shards, k = 50, 6, 12
+    names = np.array([f"id-{i:04d}" for i in rng.permutation(shards * 100)], dtype=object)
+    sims_of = np.round(rng.uniform(-1, 1, (q, shards * 100)), 2).astype(np.float32)  # ties, also at the cut
+    sims_of[:5, :100] += 1  # five queries whose best items all sit in shard 0: its cut is too short
+    full = []
+    for s in range(shards):
+        keys = np.broadcast_to(np.arange(s * 100, s * 100 + 100), (q, 100))
+        block = sims_of[:, s * 100:(s + 1) * 100]
+        order = order_best_first(block, names[keys])[:, :k]
+        full.append((np.take_along_axis(block, order, 1), np.take_along_axis(keys, order, 1)))
+    ids_of = lambda keys: np.where(keys >= 0, names[np.maximum(keys, 0)], "")  # noqa: E731
+    calls = []
+
+    def refetch(i, rows):
+        calls.append((i, len(rows)))
+        return full[i][0][rows], full[i][1][rows]
+
+    cut = first_cut(k, shards)
+    assert cut < k
+    got = merge_with_refetch([(s[:, :cut], kk[:, :cut]) for s, kk in full], k, refetch, ids_of)
+    want = merge_keys(full, k, ids_of)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert (0, 5) in calls or any(i == 0 and n >= 5 for i, n in calls)  # shard 0 asked again
+    assert sum(n for _, n in calls) < q * shards / 2  # most (query, shard) pairs were not

@@ -1,6 +1,7 @@
 """Remove (unlearning), pinned versions, leases and gc, without Beam: the memory's versioned state."""
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -216,3 +217,121 @@ def test_a_version_with_removals_is_format_2_so_older_readers_refuse_it(tmp_path
     remove_items(root, ids=["i1", "i2"])
     assert mf.read_manifest(root).format_version == mf.REMOVALS_FORMAT_VERSION == 2
     assert mf.read_manifest(root, 1).format_version == 1
+
+
+def _id_files(tmp_path):
+    """One bad id file (or folder) per kind, with the line its refusal must contain."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "folder").mkdir()
+    pq.write_table(pa.table({"ident": ["it-0001"]}), tmp_path / "wrong-column.parquet")
+    pq.write_table(pa.table({"id": pa.array([1.5, 2.5])}), tmp_path / "floats.parquet")
+    pq.write_table(pa.table({"id": pa.array(["it-0001", None])}), tmp_path / "nulls.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    return {
+        "empty.txt": "holds no ids: nothing to remove",
+        "folder": "is a folder (Is a directory): give a text file",
+        "wrong-column.parquet": "has no 'id' column (its columns: ident)",
+        "floats.parquet": "column 'id' holds double, not strings or integers",
+        "nulls.parquet": "column 'id' has 1 empty values",
+        "broken.parquet": "is not a readable Parquet file",
+        "binary.txt": "is neither UTF-8 text (one id per line) nor Parquet",
+        "missing.txt": "id file not found",
+    }
+
+
+def test_bad_id_files_are_one_line_errors_that_publish_nothing(tmp_path, data, capsys):
+    from cli.main import main
+
+    root = str(tmp_path / "m")
+    _write(root, data)
+    for name, message in _id_files(tmp_path).items():
+        with pytest.raises((ValueError, OSError), match=re.escape(message)):
+            read_id_file(str(tmp_path / name))
+        assert main(["remove", root, "--ids", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vismem remove: error: id file ") and err.count("\n") == 1, err
+        assert message in err and "pyarrow" not in err and "Traceback" not in err, err
+    assert mf.list_versions(root) == [1]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok = pa.table({"id": ["it-0001", "it-0001", "it-0002"], "note": ["a", "b", "c"]})
+    pq.write_table(ok, tmp_path / "ok.parquet")
+    assert read_id_file(str(tmp_path / "ok.parquet")) == ["it-0001", "it-0002"]  # repeats dropped
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["remove", "{m}", "--source", "nowhere"], "has source 'nowhere': nothing to remove (sources: curated, web)"),
+    (["remove", "{m}", "--source", ""], "the source to remove is empty"),
+    (["remove", "{m}", "--label", "c9"], "unknown class 'c9'"),
+    (["remove", "{tmp}/no-memory", "--label", "c1"], "no memory at"),
+    (["gc", "{m}", "--keep", "0"], "--keep must be >= 1"),
+    (["gc", "{m}", "--keep", "-3"], "--keep must be >= 1"),
+    (["gc", "{tmp}/no-memory", "--keep", "1"], "no memory at"),
+    (["versions", "{tmp}/no-memory"], "no memory at"),
+])
+def test_bad_remove_gc_and_versions_input_is_one_line_and_changes_nothing(tmp_path, data, capsys, argv, message):
+    from cli.main import main
+
+    root = str(tmp_path / "m")
+    _write(root, data)
+    before = sorted(os.listdir(root))
+    argv = [a.format(m=root, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vismem {argv[0]}: error: ") and err.count("\n") == 1 and message in err, err
+    assert mf.list_versions(root) == [1] and sorted(os.listdir(root)) == before
+
+
+def test_library_refusals_and_removals_with_nothing_left_to_do(tmp_path, data):
+    root = str(tmp_path / "m")
+    _write(root, data)
+    for kwargs, message in [({"ids": []}, "no ids given"), ({"ids": "it-0001"}, "a list of ids, not one string"),
+                            ({"ids": ["it-0001", ""]}, "an empty id cannot be removed"),
+                            ({"source": "nowhere"}, "has source 'nowhere'"),
+                            ({"label": " "}, "the label to remove is empty")]:
+        with pytest.raises(ValueError, match=message):
+            remove_items(root, **kwargs)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        collect_garbage(root, keep=True)
+    assert mf.list_versions(root) == [1]
+    first = remove_items(root, source="web")
+    assert first["changed"] and first["version"] == 2 and first["removed"] == 150
+    again = remove_items(root, source="web")  # already removed and forgotten: nothing to publish
+    assert not again["changed"] and again["version"] == 2 and again["already_removed"] == 150
+    twice = remove_items(root, ids=["it-0613", "it-0613", "never-held"])
+    assert twice["changed"] and twice["removed"] == 1 and twice["forgotten"] == 2 and twice["not_found"] == 1
+    assert not remove_items(root, ids=["it-0613", "never-held"])["changed"]
+    assert mf.list_versions(root) == [1, 2, 3]
+
+
+def test_a_writer_lease_keeps_its_parent_and_folders_from_gc_until_it_ends(tmp_path, data):
+    import subprocess
+
+    root = str(tmp_path / "m")
+    _write(root, data)
+    with leases.writer_lease(root, "tok123", holder="test writer") as parent:
+        assert parent.version == 1
+        folder = tmp_path / "m" / "shards" / "v00000002.tok123" / "shard-00000-of-00003.a1"
+        folder.mkdir(parents=True)
+        (folder / "items.parquet").write_bytes(b"being written")
+        remove_items(root, ids=["it-0001"])
+        remove_items(root, ids=["it-0002"])  # versions 2 and 3: the writer's folder is now 'old'
+        report = collect_garbage(root, keep=1)
+        assert report["kept_versions"] == [1, 3] and folder.exists()
+    report = collect_garbage(root, keep=1)  # the writer is done: its leftovers and its parent go
+    assert report["deleted_versions"] == [1] and not folder.exists()
+    assert report["expired_leases_deleted"] == 0 and not os.listdir(tmp_path / "m" / "leases")
+
+    # The lease of a writer whose process is gone (killed) holds nothing on this host, and gc prunes it.
+    path = leases.acquire(root, 3, 600, token="deadbeef")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    body = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**body, "pid": gone.pid}))
+    assert leases.held_tokens(root) == set() and leases.held_versions(root) == {}
+    assert collect_garbage(root, keep=1)["expired_leases_deleted"] == 1 and not os.path.exists(path)

@@ -14,6 +14,10 @@ Versions (served.py): a background thread checks ``latest_version`` every ``poll
 version is opened beside the current one and swapped in atomically. Requests already running finish
 on the version they started with (it is closed when its last request ends), so no request is dropped.
 Admin changes swap the new version in before they answer: a removed item is never served again.
+A server pinned with ``version=N`` serves N only and refuses admin changes (409). Every server
+renews a reader lease on the version it serves on its own timer, so ``vismem gc`` keeps its files.
+Every error answer is one JSON model (errors.py); the OpenAPI schema carries the memory's dimension
+and the server's limits (openapi.py).
 """
 from deploy.serving.admin import read_admin_token
 from deploy.serving.app import create_app, serve

@@ -12,7 +12,8 @@ from memory.encoder_spec import EncoderSpec
 
 
 class EncoderBox:
-    """An encoder loaded on first use (images are optional), decoding base64 image files."""
+    """A server's encoder (loaded at start by :meth:`load`, so its full description can be checked
+    against the memory's before the first request), decoding base64 image files."""
 
     def __init__(self, name: str, image_size: int | None):
         from pipelines.encoders import encoder_image_size
@@ -23,15 +24,26 @@ class EncoderBox:
         self._model = None
         self._lock = threading.Lock()
 
+    def load(self) -> "EncoderBox":
+        from pipelines.encoders import load_encoder
+
+        with self._lock:
+            if self._model is None:
+                self._model = load_encoder(self.name, self.image_size)
+        return self
+
     @property
     def spec(self) -> EncoderSpec:
-        """The encoder's description: the loaded model's own; before the first image, its name and size."""
+        """The encoder's description: the loaded model's own (name, version, image size, preprocessing)."""
         model = self._model
         return model.spec if model is not None else EncoderSpec(self.name, image_size=self.size)
 
+    @property
+    def dim(self) -> int:
+        return self.load()._model.dim
+
     def embed(self, images: list[str]) -> np.ndarray:
         """One embedding row per image; undecodable input is a 422 naming the image."""
-        from pipelines.encoders import load_encoder
         from pipelines.images import BadImage, decode_image
 
         pixels = []
@@ -44,7 +56,6 @@ class EncoderBox:
                 pixels.append(decode_image(data, self.size, max_pixels=50_000_000))
             except BadImage as exc:
                 raise error(422, f"images[{i}]: {exc}") from None
+        model = self.load()._model
         with self._lock:  # one forward pass at a time: torch already uses every core
-            if self._model is None:
-                self._model = load_encoder(self.name, self.image_size)
-            return self._model.embed(np.stack(pixels))
+            return model.embed(np.stack(pixels))

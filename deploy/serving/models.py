@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from memory import voting
 
@@ -20,27 +20,53 @@ class Limits:
     max_remove_ids: int = 100_000
 
 
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# strict: JSON types as the schema says them (no "5" for 5, no 0 for false)
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def _whole(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's integer: 5 and 5.0 alike (never "5" or true), as the schema promises. (A bound goes
+# before the validator: after it, pydantic writes it into the schema as "ge" instead of "minimum".)
+Whole = Annotated[int, BeforeValidator(_whole)]
+PositiveWhole = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
+
+
+class EncoderDescription(BaseModel):
+    """How the sender's embeddings were made (``memory.encoder_spec.EncoderSpec``); fields left out are
+    not compared. The memory's own is in ``GET /v1/info`` (``encoder``)."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1, description="e.g. efficientnet-lite0")
+    version: str | None = Field(None, description="of the encoder's weights")
+    image_size: PositiveWhole | None = Field(None, description="input pixels per side")
+    preprocessing: str | None = Field(None, description="e.g. rgb (x - 127) / 128")
 
 
 class Query(BaseModel):
     model_config = _STRICT
     embeddings: list[list[float]] | None = Field(
-        None, description="query embeddings, one row per query (L2-normalised by the server)",
+        None, description="query embeddings, one row per query, any finite non-zero vectors of the memory's "
+        "dimension (L2-normalised by the server); exactly one of embeddings and images",
         examples=[[[0.1, 0.7, 0.2]]])
     images: list[str] | None = Field(
         None, description="base64-encoded image files (PNG, JPEG, ...); needs a server started with --encoder")
-    k: int = Field(10, description="neighbours per query")
-    probe_shards: int | None = Field(
-        None, ge=1, description="k-means memories: search only the P shards nearest each query (default: all)")
+    k: Whole = Field(10, description="neighbours per query, 1 to the server's max_k")
+    probe_shards: PositiveWhole | None = Field(
+        None, description="k-means memories: search only the P shards nearest each query (default: all)")
+    encoder: EncoderDescription | None = Field(
+        None, description="the encoder behind the embeddings: a mismatch with the memory's is refused (409)")
 
 
 class ClassifyQuery(Query):
-    k: int = Field(50, description="neighbours that vote")
+    k: Whole = Field(50, description="neighbours that vote, 1 to the server's max_k")
     method: Literal[tuple(voting.METHODS)] = Field("rank", description="voting rule")  # type: ignore[valid-type]
-    alpha: float = Field(2.0, gt=0, description="rank voting: w = 1 / (alpha + rank)")
-    tau: float = Field(0.07, gt=0, description="softmax voting temperature")
-    xi: float = Field(1.0, gt=0, description="distance voting exponent")
+    # Bounded so that every weight and score stays a finite JSON number.
+    alpha: float = Field(2.0, ge=1e-6, le=1e6, description="rank voting: w = 1 / (alpha + rank)")
+    tau: float = Field(0.07, ge=1e-6, le=1e6, description="softmax voting temperature")
+    xi: float = Field(1.0, ge=1e-6, le=1e6, description="distance voting exponent")
     use_weights: bool = Field(True, description="apply the items' vote multipliers (soft pruning)")
     neighbours: bool = Field(True, description="include the neighbours behind each decision")
 
@@ -74,7 +100,8 @@ class ClassifyResponse(BaseModel):
 class Item(BaseModel):
     model_config = _STRICT
     id: str = Field(min_length=1, max_length=1024)
-    embedding: list[float]
+    embedding: list[float] = Field(description="any finite non-zero vector of the memory's dimension "
+                                               "(L2-normalised by the server)")
     label: str = Field(description="class name; new names need class_names")
     source: str = ""
     uri: str = ""
@@ -82,15 +109,42 @@ class Item(BaseModel):
 
 class AddRequest(BaseModel):
     model_config = _STRICT
-    items: list[Item] = Field(min_length=1)
-    class_names: list[str] | None = Field(
+    items: list[Item] = Field(min_length=1, description="ids unique within the request")
+    class_names: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description="the memory's classes in order followed by new ones, when adding new classes")
     readmit: bool = Field(False, description="accept ids that were removed (unlearned) before")
+    encoder: EncoderDescription | None = Field(
+        None, description="the encoder behind the embeddings: a mismatch with the memory's is refused (409)")
 
 
 class RemoveRequest(BaseModel):
     model_config = _STRICT
-    ids: list[str] | None = Field(None, description="item ids to remove")
-    label: str | None = Field(None, description="remove every item of this class")
-    source: str | None = Field(None, description="remove every item from this source")
+    ids: list[Annotated[str, Field(min_length=1)]] | None = Field(None, description="item ids to remove")
+    label: str | None = Field(None, min_length=1, description="remove every item of this class")
+    source: str | None = Field(None, min_length=1, description="remove every item from this source")
     reason: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: int
+    last_check_error: str | None = Field(description="why the last check for a newer version failed, if it did")
+    last_lease_error: str | None = Field(description="why the last lease renewal failed, if it did")
+
+
+class Info(BaseModel):
+    memory: str
+    version: int
+    pinned: bool = Field(description="started with --version: serves that version only; admin changes are "
+                                     "refused (409)")
+    items: int
+    removed_pending_compaction: int
+    dim: int
+    classes: list[str]
+    backend: str
+    shards: int
+    encoder: dict = Field(description="the memory's encoder: name, version, image_size, preprocessing")
+    serving_encoder: dict | None = Field(description="the encoder this server embeds images with (--encoder)")
+    admin_enabled: bool
+    limits: dict
+    version_swaps: int

@@ -7,21 +7,24 @@ import numpy as np
 from fastapi import APIRouter
 
 from deploy.serving.dependencies import Serving, ServingDep
-from deploy.serving.errors import error
-from deploy.serving.models import ClassifyQuery, ClassifyResponse, NeighboursResponse, Query
+from deploy.serving.errors import BODY, COMMON, QUERY, error
+from deploy.serving.models import ClassifyQuery, ClassifyResponse, EncoderDescription, Health, Info, \
+    NeighboursResponse, Query
 from memory.encoder_spec import EncoderSpec
 from memory.memory import Memory
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=COMMON)
+_POST = {**BODY, **QUERY}
 
 
-@router.get("/health", summary="liveness and the version served")
+@router.get("/health", response_model=Health, summary="liveness and the version served")
 def health(ctx: ServingDep):
     served = ctx.served
-    return {"status": "ok", "version": served.version, "last_check_error": served.last_check_error}
+    return {"status": "ok", "version": served.version, "last_check_error": served.last_check_error,
+            "last_lease_error": served.last_lease_error}
 
 
-@router.get("/info", summary="the served memory: version, counts, classes, limits")
+@router.get("/info", response_model=Info, summary="the served memory: version, counts, classes, limits")
 def info(ctx: ServingDep):
     served = ctx.served
     with served.use() as mem:
@@ -31,12 +34,13 @@ def info(ctx: ServingDep):
                 "items": len(mem), "removed_pending_compaction": m.removed_count or 0,
                 "dim": mem.dim, "classes": mem.class_names, "backend": m.backend,
                 "shards": len(m.shards), "encoder": spec.to_manifest() if spec else {},
-                "serving_encoder": ctx.encoder.spec.name if ctx.encoder else None,
+                "serving_encoder": ctx.encoder.spec.to_manifest() if ctx.encoder else None,
                 "admin_enabled": ctx.admin_token is not None,
                 "limits": dataclasses.asdict(ctx.limits), "version_swaps": served.swaps}
 
 
-@router.post("/neighbors", response_model=NeighboursResponse, summary="the k nearest items of each query")
+@router.post("/neighbors", response_model=NeighboursResponse, responses=_POST,
+             summary="the k nearest items of each query")
 def neighbors(body: Query, ctx: ServingDep):
     with ctx.served.use() as mem:
         q = query_matrix(body, ctx, mem)
@@ -45,7 +49,7 @@ def neighbors(body: Query, ctx: ServingDep):
         return {"version": mem.version, "neighbours": [neighbour_rows(nb, names, i) for i in range(len(q))]}
 
 
-@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True, responses=_POST,
              summary="classify each query by its neighbours' votes")
 def classify(body: ClassifyQuery, ctx: ServingDep):
     with ctx.served.use() as mem:
@@ -64,39 +68,61 @@ def classify(body: ClassifyQuery, ctx: ServingDep):
 
 
 def query_matrix(body: Query, ctx: Serving, mem: Memory) -> np.ndarray:
-    """The request's queries as a float32 matrix, or a 4xx naming what is wrong with them."""
+    """The request's queries as unit-norm float32 rows, or a 4xx naming what is wrong with them."""
     if (body.embeddings is None) == (body.images is None):
         raise error(422, "give exactly one of 'embeddings' or 'images'")
     n = len(body.embeddings if body.embeddings is not None else body.images)
     if n == 0:
         raise error(422, "no queries: the batch is empty")
     if n > ctx.limits.max_batch:
-        raise error(413, f"batch of {n} queries exceeds the limit of {ctx.limits.max_batch} per request")
+        raise error(422, f"batch of {n} queries exceeds the limit of {ctx.limits.max_batch} per request")
     if not 1 <= body.k <= ctx.limits.max_k:
         raise error(422, f"k must be between 1 and {ctx.limits.max_k}, got {body.k}")
+    if len(mem) == 0:
+        raise error(409, f"version {mem.version} of this memory has no live item: nothing to search")
     if body.images is not None:
         return _embed_images(body.images, ctx, mem)
+    check_declared_encoder(body.encoder, mem)
     bad = next((i for i, row in enumerate(body.embeddings) if len(row) != mem.dim), None)
     if bad is not None:
         raise error(422, f"embeddings[{bad}] has {len(body.embeddings[bad])} values; this memory's "
                          f"dimension is {mem.dim}")
-    with np.errstate(over="ignore"):
-        q = np.asarray(body.embeddings, dtype=np.float32)
-    if not np.isfinite(q).all():  # finite in JSON, but beyond float32's range
-        row = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
-        raise error(422, f"embeddings[{row}] overflows float32")
-    zero = np.flatnonzero(~q.any(axis=1))
+    return unit_rows(body.embeddings, "embeddings")
+
+
+def unit_rows(rows, what: str) -> np.ndarray:
+    """L2-normalised float32 rows of finite (the request models say so), non-zero vectors; a 422 names a zero row.
+
+    Scaled in float64 by each row's largest magnitude first, so values beyond float32's range (or
+    tiny enough to underflow it) keep their direction instead of overflowing or vanishing.
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    peak = np.abs(x).max(axis=1, keepdims=True)
+    zero = np.flatnonzero(peak[:, 0] == 0)
     if len(zero):
-        raise error(422, f"embeddings[{int(zero[0])}] is the zero vector: it has no direction to compare")
-    return q
+        raise error(422, f"{what}[{int(zero[0])}] is the zero vector: it has no direction to compare")
+    x = x / peak
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def check_declared_encoder(declared: EncoderDescription | None, mem: Memory) -> None:
+    """409 when the sender says its embeddings come from another encoder than the memory's, both named."""
+    spec = EncoderSpec.from_manifest(mem.manifest.encoder)
+    if declared is None or spec is None:
+        return
+    try:
+        spec.check_compatible(EncoderSpec(**declared.model_dump()))
+    except ValueError as exc:
+        raise error(409, f"the embeddings do not match this memory (its encoder first, theirs second): {exc}") \
+            from None
 
 
 def _embed_images(images: list[str], ctx: Serving, mem: Memory) -> np.ndarray:
     if ctx.encoder is None:
         raise error(422, "this server takes embeddings only: start it with --encoder NAME to send images")
     q = ctx.encoder.embed(images)
-    if q.shape[1] != mem.dim:
-        raise error(422, f"encoder {ctx.encoder.spec.describe()} gives {q.shape[1]}-d embeddings; "
+    if q.shape[1] != mem.dim:  # checked at start; a memory's dimension does not change
+        raise error(409, f"encoder {ctx.encoder.spec.describe()} gives {q.shape[1]}-d embeddings; "
                          f"the memory is {mem.dim}-d")
     return q
 

@@ -1,10 +1,9 @@
-"""The served version of a memory: atomic swaps with per-version reference counts, lease renewal, the poller."""
+"""The served version of a memory: atomic swaps with per-version reference counts, the poller, the lease keeper."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
-import time
 
 from memory import leases
 from memory import manifest as mf
@@ -24,7 +23,8 @@ class ServedMemory:
     """The currently served version of a memory, swapped atomically when a newer one is published.
 
     ``with served.use() as mem:`` pins a version for one request; a retired version is closed by
-    the last request that used it.
+    the last request that used it. ``_lock`` (taken by every request) guards only the slot swap and
+    the counts: no storage I/O ever happens under it. ``_reload_lock`` runs one refresh at a time.
     """
 
     def __init__(self, path: str, *, version: int | None = None, lease_s: float = 600.0):
@@ -34,8 +34,8 @@ class ServedMemory:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._slot = _Slot(self._open(version))
-        self._lease_t = time.monotonic()
         self.last_check_error: str | None = None
+        self.last_lease_error: str | None = None
         self.swaps = 0
 
     def _open(self, version):
@@ -60,37 +60,47 @@ class ServedMemory:
                 slot.mem.close()
 
     def refresh(self) -> bool:
-        """Open and swap in the latest version if it is newer; True when a swap happened."""
+        """Open and swap in the latest version if it is newer; True when a swap happened.
+
+        A pinned server never swaps: it serves its version until it stops (its admin endpoints refuse
+        changes, so nothing it acknowledged is left unserved).
+        """
         if self.pinned:
             return False
         with self._reload_lock:
             latest = mf.latest_version(self.path)
             if latest is None or latest <= self.version:
-                self._renew_lease()
                 return False
-            new = self._open(latest)
+            new = self._open(latest)  # with its own fresh lease
             with self._lock:
                 old, self._slot = self._slot, _Slot(new)
                 old.retired = True
                 done = old.users == 0
-            self._lease_t = time.monotonic()
             self.swaps += 1
             log.info("serving %s version %d (was %d)", self.path, latest, old.mem.version)
             if done:
                 old.mem.close()
             return True
 
-    def _renew_lease(self):
-        """Keep ``vismem gc`` away from the served version: replace the lease before it expires."""
-        if time.monotonic() - self._lease_t < self.lease_s / 2:
-            return
+    def renew_lease(self) -> bool:
+        """Replace the served version's lease with a fresh one, so ``vismem gc`` keeps its files.
+
+        The new lease is written before the old one is removed (the version is never unleased), both
+        outside ``_lock``; only the swap of the lease path happens under it. True when renewed; False
+        when the server holds no lease or the version was swapped meanwhile (its successor has its own).
+        """
         with self._lock:
-            mem = self._slot.mem
-            if mem.lease is None:
-                return
-            old, mem.lease = mem.lease, leases.acquire(self.path, mem.version, self.lease_s)
-        self._lease_t = time.monotonic()
-        leases.release(old)
+            slot = self._slot
+            old = slot.mem.lease
+        if old is None:
+            return False
+        fresh = leases.acquire(self.path, slot.mem.version, self.lease_s)
+        with self._lock:
+            current = slot is self._slot and not slot.retired and slot.mem.lease == old
+            if current:
+                slot.mem.lease = fresh
+        leases.release(old if current else fresh)
+        return current
 
     def close(self):
         with self._lock:
@@ -99,6 +109,28 @@ class ServedMemory:
             done = slot.users == 0
         if done:
             slot.mem.close()
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the served version's lease every ``lease_s / 3`` seconds, for every server (pinned too).
+
+    A failed renewal is retried at the next tick (two may fail before the lease lapses) and reported
+    in ``/v1/health`` as ``last_lease_error``.
+    """
+
+    def __init__(self, served: ServedMemory):
+        super().__init__(name="vismem-lease-keeper", daemon=True)
+        self.served, self.interval, self.stop = served, served.lease_s / 3, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            try:
+                self.served.renew_lease()
+                self.served.last_lease_error = None
+            except Exception as exc:  # noqa: BLE001 - keep serving; the next tick tries again
+                self.served.last_lease_error = f"{type(exc).__name__}: {exc}"
+                log.warning("renewing the lease of %s version %d failed: %s", self.served.path,
+                            self.served.version, exc)
 
 
 class Poller(threading.Thread):

@@ -18,7 +18,8 @@ import posixpath
 from memory import storage
 from pipelines.sources.base import InputShard, Record, Source, SourceSpec, is_dir
 from pipelines.sources.folder import FolderSource
-from pipelines.sources.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxSource, fashion_mnist, read_idx
+from pipelines.sources.idx import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxSource, fashion_mnist, idx_paths,
+                                   read_idx)
 from pipelines.sources.parquet import ParquetSource
 from pipelines.sources.webdataset import WebDatasetSource
 
@@ -30,9 +31,12 @@ KINDS = tuple(SOURCES)
 
 
 def open_source(spec: SourceSpec) -> Source:
-    """A :class:`Source` for a spec (resolved first: a missing path fails here, naming it)."""
+    """A :class:`Source` for a spec (resolved and checked first: a missing path, an unreadable file or a
+    missing column fails here, naming it, before any output is written)."""
     spec = resolve(spec)
-    return SOURCES[spec.kind](spec)
+    source = SOURCES[spec.kind](spec)
+    source.check()
+    return source
 
 
 def resolve(spec: SourceSpec) -> SourceSpec:
@@ -44,6 +48,10 @@ def resolve(spec: SourceSpec) -> SourceSpec:
     kind = detect_kind(uri) if spec.kind == "auto" else spec.kind
     if kind not in KINDS:
         raise ValueError(f"unknown source kind {spec.kind!r}; choose auto or one of {', '.join(KINDS)}")
+    if kind == "idx":
+        idx_paths(uri, spec.split)  # an unknown split or a split without files fails here, before any output
+    elif kind == "folder" and is_dir(uri) and not storage.list_names(uri):
+        raise ValueError(f"source {spec.uri} is an empty folder")
     name = spec.name or _default_name(uri, kind)
     return dataclasses.replace(spec, uri=uri, kind=kind, name=name)
 

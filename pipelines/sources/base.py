@@ -67,6 +67,10 @@ class Source(abc.ABC):
     def class_names(self) -> list[str]:
         return []
 
+    def check(self) -> None:
+        """Raise on a source that cannot be listed; :func:`open_source` calls it before any output exists.
+        Sources whose listing reads the files (Parquet footers) list here, once."""
+
     @abc.abstractmethod
     def shards(self) -> list[InputShard]:
         """The input shards: the unit of work and of resumption."""
