@@ -198,7 +198,11 @@ def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
                     f" + embedding shards {human_bytes(in_bytes)})",
                     f"embedding shards: {inputs.at(n):,.0f} B/item at dim {cal.dim} measured, +4 B per extra dim"))
     q = cal.query_at(req.recall)
-    f_q = cal.dim_factor("query", d) * mode.query_factor
+    if mode.max_recall is not None and req.recall > mode.max_recall + 1e-9:
+        raise ValueError(f"storage mode {req.storage} reached recall@10 {mode.max_recall:.3f} at most when calibrated "
+                         f"({mode.source}); it cannot serve --recall {req.recall}")
+    q_mode = 1.0 if mode.query_factor is None else mode.query_factor
+    f_q = cal.dim_factor("query", d) * q_mode
     cpu_q = q.cpu_s.at(n) * f_q
     usable = USABLE_RAM * req.machine.ram_bytes - cal.figure("serve_base_rss").at(n)
     if usable <= 0:
@@ -217,7 +221,8 @@ def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
     rows.append(Row("query_capacity", machines * per_machine, "q/s",
                     f"{machines * per_machine:,.0f} q/s at recall@10 >= {q.recall}",
                     f"CPU per query {q.cpu_s.describe(n)}; x {cal.dim_note('query', d)}; x mode "
-                    f"{mode.query_factor:.2f} = {cpu_q * 1e3:.3g} ms"))
+                    f"{q_mode:.2f}{' (not measured: as float32)' if mode.query_factor is None else ''} = "
+                    f"{cpu_q * 1e3:.3g} ms"))
     lat = q.latency_s.at(n) * f_q
     rows.append(Row("latency", lat, "s", f"{lat * 1e3:,.1f} ms per query",
                     f"one query alone {q.latency_s.describe(n)} x {f_q:.2f} (dim, mode), on {cal.cores} cores; "

@@ -116,7 +116,8 @@ class ModeRates:
     ram_per_dim: float
     ram_fixed: float
     build_factor: float = 1.0
-    query_factor: float = 1.0
+    query_factor: float | None = None  # None: not measured at the target (float32's cost is assumed)
+    max_recall: float | None = None    # the highest recall@10 this mode reached when measured
     source: str = ""
 
     def disk_bytes(self, dim: int) -> float:
@@ -249,10 +250,14 @@ def mode_rates(mode_points: list[dict]) -> tuple[dict, dict]:
         for key, name in (("disk_bytes_per_item", "disk"), ("ram_per_item", "ram")):
             per_dim = max((b[key] - a[key]) / (d2 - d1), 0.0)
             rates[f"{name}_per_dim"], rates[f"{name}_fixed"] = per_dim, max(a[key] - per_dim * d1, 0.0)
-        if d2 in ref and mode != "float32":
+        if mode == "float32":
+            rates["query_factor"] = 1.0
+        elif d2 in ref:
             rates["build_factor"] = b["build_cpu_s"] / ref[d2]["build_cpu_s"]
             if b["query"] and ref[d2]["query"]:
                 rates["query_factor"] = b["query"]["cpu_s_per_query"] / ref[d2]["query"]["cpu_s_per_query"]
+        if all(r.get("max_recall") is not None for r in (a, b)):
+            rates["max_recall"] = min(a["max_recall"], b["max_recall"])
         rates["source"] = f"one ScaNN shard of {a['n']:,} items measured at dim {d1} and {d2}"
         out[mode] = rates
     if len(ref) >= 2:

@@ -24,14 +24,18 @@ def test_embed_help_teaches_with_examples(capsys):
     (["embed", "fashion-mnist", "OUT", "--encoder", "dinov2-vits14"], "weights for dinov2-vits14 not found"),
     (["embed", "fashion-mnist", "OUT", "--teacher", "probe:/no/probe.npz"], "probe not found: /no/probe.npz"),
     (["embed", "fashion-mnist", "OUT", "--label-map", "m.json"], "--label-map maps a teacher's classes"),
-    (["embed", "fashion-mnist", "OUT", "--min-confidence", "2"], "min confidence must be in [0, 1]"),
-    (["embed", "fashion-mnist", "OUT", "--shard-size", "0"], "shard size must be >= 1"),
+    (["embed", "fashion-mnist", "OUT", "--min-confidence", "2"], "--min-confidence: must be a number in [0, 1]"),
+    (["embed", "fashion-mnist", "OUT", "--shard-size", "0"], "--shard-size: must be an integer >= 1, got 0"),
     (["probe", "/no/run", "--out", "p.npz"], "no embedding run or shard at /no/run"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VISMEM_MODEL_DIR", str(tmp_path / "models"))
-    assert main(argv) == 2
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # refused by the argument parser itself
+        status = exc.code
+    assert status == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "OUT").exists()

@@ -31,7 +31,7 @@ def hand_calibration() -> dict:
                   "0.99": {"cpu_s": _fit("linear", 0.0, 3e-11), "latency_s": _fit("linear", 2e-3, 1e-12)}},
         "storage": {"float32": {"disk_per_dim": 8.0, "disk_fixed": 20.0, "ram_per_dim": 5.0, "ram_fixed": 100.0},
                     "int8": {"disk_per_dim": 1.0, "disk_fixed": 20.0, "ram_per_dim": 1.0, "ram_fixed": 100.0,
-                             "build_factor": 1.5, "query_factor": 0.5}},
+                             "build_factor": 1.5, "query_factor": 0.5, "max_recall": 0.97}},
         "dim_exponent": {"build": 1.0, "query": 1.0},
         "encoder": None,
     }
@@ -87,7 +87,7 @@ def test_plan_figures_follow_from_the_calibration():
 
 
 def test_cli_json_parses(cal_file, capsys):
-    rc = main(["plan", "--items", "1e8", "--dim", "200", "--storage", "int8", "--recall", "0.99", "--qps", "500",
+    rc = main(["plan", "--items", "1e8", "--dim", "200", "--storage", "int8", "--recall", "0.95", "--qps", "500",
                "--machine", "cores=4,ram=40GB", "--calibration", cal_file, "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -111,6 +111,7 @@ def test_cli_table(cal_file, capsys):
     (["--items", "1e9", "--machine", "cores=x,ram=64GB"], "cores must be a whole number"),
     (["--items", "1e9", "--machine", "16,64GB"], "expected --machine cores=N,ram=SIZE"),
     (["--items", "1e9", "--recall", "0.999"], "above the highest recall"),
+    (["--items", "1e9", "--storage", "int8", "--recall", "0.99"], "reached recall@10 0.970 at most"),
     (["--items", "1e9", "--gpus", "8"], "--gpus needs an encoder rate"),
     (["--items", "1e9", "--dim", "-3"], "--dim must be positive"),
 ])
