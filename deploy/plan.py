@@ -179,7 +179,7 @@ def shard_size(req: Request, cal: Calibration) -> tuple[int, int, str]:
                          f"{human_bytes(per_worker)} per core allows at most {fits:,}")
     shards = max(1, math.ceil(req.items / size))
     size = math.ceil(req.items / shards)
-    why = (f"worker RSS {rss.describe(size)} x {scale:.2f} (dim {req.dim}/{cal.dim}) <= {WORKER_RAM:.0%} of "
+    why = (f"{rss.describe(size)} x {scale:.2f} (dim {req.dim}/{cal.dim}) <= {WORKER_RAM:.0%} of "
            f"{human_bytes(per_worker)} per core; cap {MAX_SHARD_ITEMS:,}")
     return shards, size, why
 
@@ -220,13 +220,16 @@ def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
                     f"{human_bytes(req.machine.ram_bytes)}", f"{human_bytes(ram)} in all over {machines:,} machines"))
     rows.append(Row("query_capacity", machines * per_machine, "q/s",
                     f"{machines * per_machine:,.0f} q/s at recall@10 >= {q.recall}",
-                    f"CPU per query {q.cpu_s.describe(n)}; x {cal.dim_note('query', d)}; x mode "
+                    f"{q.cpu_s.describe(n)}; x {cal.dim_note('query', d)}; x mode "
                     f"{q_mode:.2f}{' (not measured: as float32)' if mode.query_factor is None else ''} = "
                     f"{cpu_q * 1e3:.3g} ms"))
-    lat = q.latency_s.at(n) * f_q
+    # One query alone: the per-call cost measured on the ladder (its mean), plus the work the planned
+    # memory adds per query beyond the largest one measured (routing over more cells, larger probes).
+    extra = max(cpu_q - q.cpu_s.at(q.cpu_s.n_max), 0.0)
+    lat = q.latency_s.at(n) + extra
     rows.append(Row("latency", lat, "s", f"{lat * 1e3:,.1f} ms per query",
-                    f"one query alone {q.latency_s.describe(n)} x {f_q:.2f} (dim, mode), on {cal.cores} cores; "
-                    "probes spread over machines would cut it, the network adds to it"))
+                    f"{q.latency_s.describe()} + {extra * 1e3:,.1f} ms of extra CPU per query over the largest "
+                    f"memory measured; the network and a fan-out across machines add to it"))
     return machines, cpu_q
 
 
@@ -240,12 +243,12 @@ def _build(req: Request, cal: Calibration, shards: int, machines: int, rows: lis
     fixed = cal.figure("build_wall_s").a
     wall = fixed + core_s / used
     rows.append(Row("build_core_hours", core_s / 3600, "core-h", f"{core_s / 3600:,.1f} core-hours",
-                    f"build CPU {cpu.describe(n)}; x {cal.dim_note('build', req.dim)}; x mode {mode.build_factor:.2f}"))
+                    f"{cpu.describe(n)}; x {cal.dim_note('build', req.dim)}; x mode {mode.build_factor:.2f}"))
     rows.append(Row("build_wall_hours", wall / 3600, "h", f"{human_seconds(wall)} on {used:,} workers"
                     f"{f' (of {workers:,}: one shard per worker at most)' if used < workers else ''}",
                     f"core-seconds / workers + {fixed:,.0f} s fixed (intercept of the measured build wall time)"))
     drv = cal.figure("driver_rss")
-    rows.append(Row("build_driver_ram", drv.at(n), "B", human_bytes(drv.at(n)), f"driver RSS {drv.describe(n)}"))
+    rows.append(Row("build_driver_ram", drv.at(n), "B", human_bytes(drv.at(n)), drv.describe(n)))
 
 
 def _embedding(req: Request, cal: Calibration, rows: list) -> None:
@@ -282,10 +285,10 @@ def make_plan(req: Request, cal: Calibration) -> Plan:
     per_machine = req.items / machines
     op = cal.figure("open_s")
     rows.append(Row("open_seconds", op.at(per_machine), "s", f"{human_seconds(op.at(per_machine))} per machine "
-                    f"({per_machine:,.0f} items)", f"open {op.describe(per_machine)}"))
+                    f"({per_machine:,.0f} items)", op.describe(per_machine)))
     rm = cal.figure("remove_s")
     rows.append(Row("remove_seconds", rm.at(req.items), "s", f"{human_seconds(rm.at(req.items))} to remove 0.1%",
-                    f"remove_items {rm.describe(req.items)}"))
+                    rm.describe(req.items)))
     return Plan(req, tuple(rows))
 
 

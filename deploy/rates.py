@@ -300,7 +300,8 @@ def calibration_from(points: list[dict], mode_points: list[dict], *, dim: int, s
         pts = [{"n": p["n"], **p["query"][target]} for p in main if target in p["query"]]
         if len(pts) >= 2:
             query[target] = {"cpu_s": _fit(pts, "n", "cpu_s_per_query", "CPU s/query", src),
-                             "latency_s": _fit(pts, "n", "latency_s", "one-query s", src)}
+                             "latency_s": _fit(pts, "n", "latency_s", "one query alone, s", src,
+                                               models=("constant",))}
     storage, exps = mode_rates(mode_points)
     return {"format": FORMAT, "dim": dim, "shard_items": shard_items, "cores": cores, "about": about,
             "figures": figures, "query": query, "storage": storage, "dim_exponent": exps, "encoder": None,
