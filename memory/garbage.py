@@ -1,7 +1,7 @@
 """Garbage collection (``vismem gc``): delete the files no kept version uses, never those a writer needs.
 
 Kept: the newest ``keep`` versions, the latest, every version with a reader lease. Deleted: the
-other manifests, then every shard folder and state file no kept version references. Writers run
+other versions (retired: their manifests shrink to stubs, see ``manifest.retire``), then every shard folder and state file no kept version references. Writers run
 meanwhile, so before deleting manifests and again before deleting files the versions and leases
 are read again: a version published meanwhile keeps what it references, a writer lease keeps its
 parent version and its folders (``leases.writer_lease``). Leftovers of unfinished builds count as
@@ -92,7 +92,7 @@ def collect_garbage(root: str, keep: int, *, dry_run: bool = False) -> dict:
     gone_versions, pruned = [v for v in versions if v not in kept], 0
     if not dry_run:
         for v in gone_versions:
-            storage.remove(mf.manifest_path(root, v))
+            mf.retire(root, v)
         kept, refs, tokens = _recheck(root, latest, kept, refs)  # published or leased while we deleted
         doomed = _spared(doomed, refs, tokens)
         for (top, d), (unused, total) in doomed.items():

@@ -4,6 +4,7 @@ A memory directory (local or ``gs://``) looks like::
 
     MEMORY/
       manifests/v00000001.json        # written last: a version exists once its manifest does
+      manifests/v00000001.retired     # gc deleted the version's files (its manifest became a stub)
       shards/v00000001/shard-00000-of-00004/{items.parquet, embeddings.npy, scann/}
       shards/v00000002.TOKEN/shard-00000-of-00004.ATTEMPT/...   # Beam builds, adds and compactions
       state/v00000002.TOKEN/{tombstones.parquet, forget.parquet} # removals (memory.removals)
@@ -15,6 +16,8 @@ every shard with its path (relative to the memory), item count, backend and file
 derived from another one record their parent, the change, and the removal state. A new version is
 published by creating its manifest only if absent (:func:`publish`: of two writers deriving one
 version exactly one wins, the other gets :class:`ConcurrentUpdate`); readers pin the version they opened.
+A version's manifest is never deleted: ``vismem gc`` retires it (:func:`retire`), so its name stays
+taken and a writer that derived it from a long-gone parent cannot publish it again.
 """
 from __future__ import annotations
 
@@ -33,12 +36,17 @@ REMOVALS_FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, REMOVALS_FORMAT_VERSION)
 MANIFESTS = "manifests"
 _NAME = re.compile(r"^v(\d{8})\.json$")
+_RETIRED = re.compile(r"^v(\d{8})\.retired$")
 _SHARD_NAME = re.compile(r"^shard-(\d{5})-of-(\d{5})")
 _OPTIONAL = {"optional": True}  # field metadata: left out of the JSON when None
 
 
 class MemoryFormatError(ValueError):
     """A memory that is partial, corrupt or of an unknown format."""
+
+
+class VersionRetired(FileNotFoundError):
+    """A version whose files ``vismem gc`` deleted (its manifest is kept as a stub)."""
 
 
 def manifest_path(root: str, version: int) -> str:
@@ -64,14 +72,41 @@ def parse_shard_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def list_versions(root: str) -> list[int]:
+def _slots(root: str) -> tuple[list[int], set[int]]:
+    """Every version ever published (sorted) and the retired ones, from one listing."""
     names = storage.list_names(storage.join(root, MANIFESTS))
-    return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+    published = sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+    return published, {int(m.group(1)) for m in map(_RETIRED.match, names) if m}
+
+
+def list_versions(root: str) -> list[int]:
+    """The versions that can be opened (published and not retired by gc), oldest first."""
+    published, retired = _slots(root)
+    return [v for v in published if v not in retired]
 
 
 def latest_version(root: str) -> int | None:
-    versions = list_versions(root)
-    return versions[-1] if versions else None
+    """The newest published version (gc never retires it), or None for no memory."""
+    published, _ = _slots(root)
+    return published[-1] if published else None
+
+
+def _retired_path(root: str, version: int) -> str:
+    return storage.join(root, MANIFESTS, f"v{int(version):08d}.retired")
+
+
+def retire(root: str, version: int) -> None:
+    """Mark ``version`` deleted by gc, then shrink its manifest to a stub; never delete the name.
+
+    The manifest's name must stay taken: a writer that derived this version from a parent long
+    gone would otherwise publish it again (create-if-absent succeeds on a free name) and its change
+    would land below the latest version, lost. The marker comes first, so a crash between the two
+    steps leaves a retired version with a full manifest, never a live one with a stub.
+    """
+    storage.write_bytes_atomic(_retired_path(root, version),
+                               json.dumps({"retired_at": time.time()}).encode())
+    stub = {"format": FORMAT, "version": int(version), "retired": True}
+    storage.write_bytes_atomic(manifest_path(root, version), json.dumps(stub).encode())  # replace: never absent
 
 
 # ---- typed reading: every value checked against its declared type, the field named on error ----------
@@ -307,6 +342,8 @@ def _winner(data: bytes | None) -> str:
     """Who published a manifest, in words (its change and parent), for :class:`ConcurrentUpdate`."""
     try:
         d = json.loads(data)
+        if d.get("retired"):
+            return "another writer (it has since been deleted by gc)"
         return f"a '{d['change']}' derived from version {d['parent_version']}"
     except (TypeError, ValueError, KeyError):
         return "another writer"
@@ -371,6 +408,9 @@ def read_manifest(root: str, version: int | None = None) -> Manifest:
         d = json.loads(storage.read_bytes(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MemoryFormatError(f"{path} is corrupt: {exc}") from exc
+    if (isinstance(d, dict) and d.get("retired")) or storage.exists(_retired_path(root, version)):
+        raise VersionRetired(f"version {version} of {root} was deleted by `vismem gc` "
+                             f"(versions that can be opened: {list_versions(root)})")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise MemoryFormatError(f"{path} is not a {FORMAT} manifest")
     if d.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:

@@ -19,7 +19,7 @@ import pytest
 from conftest import clustered
 from memory import Memory, publishing, removals, schema, storage, write_memory
 from memory import manifest as mf
-from memory.mutations import derive_manifest, remove_items
+from memory.mutations import collect_garbage, derive_manifest, remove_items
 from memory.shard import write_shard
 from pipelines.beam_runner import BuildFailed
 from pipelines.build import add_to_memory
@@ -346,3 +346,23 @@ def test_adds_and_removes_race_on_gcs(strict_gcs, tmp_path):
     changes, initial, vectors = _race(strict_gcs, tmp_path, adders=1, removers=2)
     want = _check_final(strict_gcs, changes, initial, vectors)
     assert "add-0-00" in want and "hot-0-0" not in want
+
+
+def test_a_writer_derived_from_a_collected_parent_cannot_publish_again(tmp_path):
+    # gc once deleted old manifests, freeing their names: a writer still holding version 1 then
+    # created "version 2" again below the latest, and its acknowledged removal was lost (CI caught
+    # two writers acknowledging version 2). Retired versions keep their names.
+    root = str(tmp_path / "m")
+    _memory(root, n=60)
+    stale = mf.read_manifest(root)
+    remove_items(root, ids=["base-0001"])
+    remove_items(root, ids=["base-0002"])
+    report = collect_garbage(root, keep=1)
+    assert report["deleted_versions"] == [1, 2] and mf.list_versions(root) == [3] and mf.latest_version(root) == 3
+    late = derive_manifest(stale, version=2, change="remove", detail={}, shards=stale.shards)
+    with pytest.raises(mf.ConcurrentUpdate, match="version 2 of .* published meanwhile by another writer "
+                                                   r"\(it has since been deleted by gc\)"):
+        mf.publish(root, late)
+    with pytest.raises(mf.VersionRetired, match="version 2 of .* was deleted by `vismem gc`"):
+        mf.read_manifest(root, 2)
+    assert mf.read_manifest(root).version == 3 and mf.latest_version(root) == 3
