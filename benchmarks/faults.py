@@ -179,8 +179,10 @@ class Campaign:
 
 def run_campaign(wheres: dict, verb_names: list, kills: int, seed: int, *, spawn: bool = False,
                  beam: list | None = None, work: str | None = None, keep_failed: bool = False,
-                 measure_each_place: bool = True) -> dict:
+                 measure_each_place: bool = True, verbs_at: dict | None = None) -> dict:
     """The whole campaign; ``wheres`` maps a label (``local``, ``gs``) to a place (``local`` or a bucket URL).
+
+    ``verbs_at`` (label -> verb names) narrows the verbs tried at a place (default: ``verb_names`` everywhere).
 
     ``measure_each_place=False`` draws kill times from the local durations of building the starting
     memories instead of one more uninterrupted run per verb and place (quicker; gc is measured anyway).
@@ -195,7 +197,7 @@ def run_campaign(wheres: dict, verb_names: list, kills: int, seed: int, *, spawn
         camp = Campaign(server, work, data, table, bases, keep_failed)
         rng = np.random.default_rng(seed)
         for label, where in wheres.items():
-            for name in verb_names:
+            for name in (verbs_at or {}).get(label, verb_names):
                 verb = table[name]
                 quick = not measure_each_place and name in durations
                 seconds = durations[name] if quick else camp.measure(verb, label, where)

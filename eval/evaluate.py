@@ -9,9 +9,11 @@ and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -110,7 +112,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     check_k(k_max, manifest, memory_path, "k-max")
     ood = None if not ood_queries_path else read_queries(
         ood_queries_path, manifest, memory_path, what="out-of-distribution queries", check_labels=False)["embeddings"]
-    with Memory.open(memory_path, manifest.version, hosts=_hosts(ray_address)) as mem:
+    with _hosts(ray_address) as hosts, Memory.open(memory_path, manifest.version, hosts=hosts) as mem:
         got = _retrieve_all(mem, q, truth, k_max, batch_size, probe_shards, ood)
         reranked = None
         if reranker is not None:
@@ -172,15 +174,27 @@ def _labelled_queries(queries_path: str, manifest, memory_path: str):
     return queries["embeddings"][known], queries["labels"][known], queries["provenance"]["uri"][known]
 
 
-def _hosts(ray_address: str | None) -> str:
-    """``ray`` (connecting to the cluster once) when an address is given, else ``local``."""
+@contextlib.contextmanager
+def _hosts(ray_address: str | None):
+    """``ray`` while connected to the cluster (disconnected after, if connected here), else ``local``.
+
+    Ray prints cluster events (a node marked dead, a task retried) on the driver's stdout, which
+    carries vismem's JSON: while Ray is connected, stdout goes to stderr.
+    """
     if not ray_address:
-        return "local"
+        yield "local"
+        return
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=None if ray_address == "local" else ray_address, log_to_driver=False)
-    return "ray"
+    with contextlib.redirect_stdout(sys.stderr):
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=None if ray_address == "local" else ray_address, log_to_driver=False)
+        try:
+            yield "ray"
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shards, ood) -> Retrieval:

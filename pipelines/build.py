@@ -19,7 +19,7 @@ from memory.shard import DEFAULT_TARGET_RECALL, check_target_recall, shard_setti
 from pipelines.beam_runner import BuildFailed, run_pipeline
 from pipelines.build_config import BuildConfig
 from pipelines.build_graph import build_pipeline
-from pipelines.build_publish import summarise
+from pipelines.build_publish import find_published, summarise, unchanged_summary
 from pipelines.validate import check_inputs
 
 __all__ = ["BuildFailed", "add_to_memory", "build_memory"]
@@ -136,6 +136,10 @@ def add_to_memory(memory: str, embeddings, *, class_names=None, readmit: bool = 
         log.info("adding to %s (version %d): %d files, %d rows", memory, parent.version, len(cfg.files),
                  cfg.total_rows)
         run = run_pipeline(lambda p: build_pipeline(p, cfg), pipeline_args, "add")
+        if find_published(memory, token, cfg.version) is None:
+            same = unchanged_summary(memory, cfg, run)
+            if same is not None:
+                return same
         return summarise(memory, token, cfg.version, run)
 
 

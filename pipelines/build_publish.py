@@ -13,6 +13,7 @@ from pipelines import build_rebase, validate
 from pipelines.build_config import BuildConfig
 
 log = logging.getLogger("vismem.build")
+ALREADY_THERE = "id already in the memory"  # the start of memory.items.duplicate_reasons' reason
 
 
 def write_dead_letter(records, cfg: BuildConfig) -> dict:
@@ -38,6 +39,9 @@ def publish(written, cfg: BuildConfig, dead: dict, router) -> dict:
     forgotten or added by them since the add's parent is tombstoned in the add's shards.
     """
     if not written:
+        if cfg.parent_version is not None and nothing_new(dead):
+            log.info("every row of the add is already in %s: nothing to publish", cfg.out)
+            return {"version": None}
         raise ValueError(f"no valid rows to publish ({dead['count']} rejected, see {dead['path']})")
     done = find_published(cfg.out, cfg.token, cfg.version)
     if done is not None:  # a runner retrying this step after it published: publish nothing twice
@@ -61,6 +65,30 @@ def publish(written, cfg: BuildConfig, dead: dict, router) -> dict:
         version = manifest.version
     log.info("published %s version %d: %d items in %d shards", cfg.out, version, detail["items"], len(entries))
     return {"version": version}
+
+
+def nothing_new(dead: dict) -> bool:
+    """Every row was rejected only because the memory holds its id already (an add run again, say
+    after a crash that came once it had published): an add then changes nothing and fails nothing."""
+    return dead["count"] > 0 and all(r.startswith(ALREADY_THERE) for r in dead["reasons"])
+
+
+def unchanged_summary(out: str, cfg: BuildConfig, run: dict) -> dict | None:
+    """The summary of an add that found every row already in the memory, or None for another outcome."""
+    path = storage.join(out, f"deadletter/v{cfg.version:08d}.{cfg.token}.parquet")
+    if not storage.exists(path):
+        return None
+    reasons = pq.read_table(pa.BufferReader(storage.read_bytes(path)), columns=["reason"]).column("reason").to_pylist()
+    dead = {"count": len(reasons), "path": path,
+            "reasons": dict(Counter(r.split(":")[0] for r in reasons).most_common(10))}
+    if not nothing_new(dead):
+        return None
+    latest = mf.read_manifest(out)
+    return {"memory": out, "version": latest.version, "change": None, "changed": False, "items_added": 0,
+            "items_total": latest.live_count, "dead_letter": dead,
+            "note": f"all {len(reasons)} rows' ids are already in the memory, nothing was published (an add "
+                    "run again after it published?); to replace an item, `vismem remove` it first",
+            "wall_seconds": run["seconds"], "counters": run["counters"]}
 
 
 def _build_manifest(cfg: BuildConfig, entries: list, detail: dict, router) -> mf.Manifest:
@@ -103,7 +131,7 @@ def summarise(out: str, token: str, since: int, run: dict) -> dict:
     items = sum(e.count - len(dead.get(e.path, ())) for e in new)
     nbytes = sum(f["bytes"] for e in new for f in e.files.values())
     out_ = {
-        "memory": out, "version": version, "change": m.change, "items_added": items,
+        "memory": out, "version": version, "change": m.change, "changed": True, "items_added": items,
         "items_total": m.live_count, "dead_letter": m.change_detail["dead_letter"],
         "shards": [{"name": e.name, "count": e.count, "build_seconds": e.build_seconds} for e in new],
         "bytes_per_item": round(nbytes / max(items, 1), 1), "wall_seconds": run["seconds"], "counters": run["counters"],

@@ -74,3 +74,32 @@ def test_a_large_k_searches_in_smaller_batches_with_the_same_answers(tmp_path, m
     assert small["top1_accuracy"] == whole["top1_accuracy"]
     a, b = pq.read_table(tmp_path / "a.pq").to_pydict(), pq.read_table(tmp_path / "b.pq").to_pydict()
     assert a == b and all(len(n) == 200 for n in a["neighbour_ids"])
+
+
+def test_an_add_run_again_after_it_published_changes_nothing_and_exits_0(tmp_path):
+    # A killed `vismem add` may have published before it died; running it again must not fail.
+    x, labels = clustered(300, 12, 3, seed=23)
+    root = str(tmp_path / "m")
+    write_memory(root, x[:200], labels[:200], [f"m{i}" for i in range(200)], num_shards=2, class_names=["x", "y", "z"])
+    new = str(tmp_path / "new.parquet")
+    schema.write_embeddings(new, schema.embedding_table(np.array([f"n{i}" for i in range(100)], dtype=object),
+                                                        x[200:], labels[200:]))
+    first = _run("add", root, new, "--runner=DirectRunner")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["version"] == 2
+    again = _run("add", root, new, "--runner=DirectRunner")
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = json.loads(again.stdout)
+    assert out["changed"] is False and out["version"] == 2 and out["items_added"] == 0 and out["items_total"] == 300
+    assert out["dead_letter"]["count"] == 100 and "already in the memory" in out["note"]
+    # Half new, half already there: an ordinary add of the new half.
+    mixed = str(tmp_path / "mixed.parquet")
+    ids = np.array([f"n{i}" for i in range(50)] + [f"o{i}" for i in range(50)], dtype=object)
+    schema.write_embeddings(mixed, schema.embedding_table(ids, x[200:], labels[200:]))
+    out = json.loads(_run("add", root, mixed, "--runner=DirectRunner").stdout)
+    assert out["changed"] is True and out["version"] == 3 and out["items_added"] == 50
+    # Rows that are bad for another reason still fail the add.
+    bad = str(tmp_path / "bad.parquet")
+    schema.write_embeddings(bad, schema.embedding_table(np.array(["n1", "n1"], dtype=object), x[:2], labels[:2]))
+    refused = _run("add", root, bad, "--runner=DirectRunner")
+    assert refused.returncode == 2 and "no valid rows" in refused.stderr

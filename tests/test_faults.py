@@ -15,14 +15,17 @@ import faults  # noqa: E402
 
 
 def test_one_kill_per_verb_and_place_leaves_a_memory_that_verifies_and_a_rerun_that_completes(tmp_path, gcs_path):
+    # Every verb on gs:// (where publishing is a conditional upload); on local disk the two writers
+    # that rebase or carry removals (build, remove and gc are killed locally in other tests too).
+    local = ["add", "compact"]
     result = faults.run_campaign({"local": "local", "gs": gcs_path}, list(faults.VERBS), kills=1, seed=11,
-                                 work=str(tmp_path), measure_each_place=False)
+                                 work=str(tmp_path), measure_each_place=False, verbs_at={"local": local})
     assert result["failures"] == [], result["failures"]
     totals = result["totals"]
-    assert totals["kills"] == 10 and totals["failures"] == 0
-    assert totals["interrupted"] >= 1  # kills caught commands running (typically 9 of 10), not only after
-    assert totals["checks"] >= 100
-    assert set(result["by_verb"]) == {f"{v}@{w}" for v in faults.VERBS for w in ("local", "gs")}
+    assert totals["kills"] == 7 and totals["failures"] == 0
+    assert totals["interrupted"] >= 1  # kills caught commands running (typically most), not only after
+    assert totals["checks"] >= 70
+    assert set(result["by_verb"]) == {f"{v}@gs" for v in faults.VERBS} | {f"{v}@local" for v in local}
 
 
 def test_the_invariants_catch_a_memory_that_returns_a_removed_item(tmp_path):

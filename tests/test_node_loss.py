@@ -76,11 +76,11 @@ def test_evaluation_losing_a_worker_node_gives_the_same_figures_or_a_clear_error
     from eval.evaluate import evaluate
     from memory import schema, write_memory
 
-    x, labels = clustered(7000, 16, 4, seed=71, noise=0.8)
+    x, labels = clustered(3500, 16, 4, seed=71, noise=0.8)
     mem = str(tmp_path / "m")
     write_memory(mem, x[:1000], labels[:1000], [f"e{i}" for i in range(1000)], num_shards=3, class_names=list("abcd"))
     queries = str(tmp_path / "q.parquet")
-    schema.write_embeddings(queries, schema.embedding_table([f"q{i}" for i in range(6000)], x[1000:], labels[1000:]))
+    schema.write_embeddings(queries, schema.embedding_table([f"q{i}" for i in range(2500)], x[1000:], labels[1000:]))
     evaluate(mem, queries, str(tmp_path / "local"), k_max=30, batch_size=5)  # the single-process figures
 
     worker = cluster.add_node(cpus=2, resources={"worker_node": 1})
