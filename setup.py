@@ -44,7 +44,7 @@ setup(
     extras_require={
         # import-linter: the layer contracts in .importlinter, checked by `make test`; schemathesis fuzzes
         # the HTTP API from its OpenAPI schema (tests/test_serve_fuzz.py uses its 4.x engine API).
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "import-linter>=2.1", "schemathesis>=4.32,<5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8", "import-linter>=2.1", "schemathesis>=4.32,<5"],
         # Baselines the search benchmark compares against.
         "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8"],
     },

@@ -28,7 +28,7 @@ from pipelines.compact import compact_memory
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["a", "b", "c"]
 DIM = 16
-CLI = "import sys; from cli.main import main; sys.exit(main(sys.argv[1:]))"
+CLI = "from cli.main import run; run()"  # as the console script: exits past Arrow's teardown crash
 PIPE = ["--runner=DirectRunner"]  # in this process: a hook can publish right before the job does
 
 # The emulator, single-threaded, plus Cloud Storage's rule for ifGenerationMatch=0 on uploads.
@@ -66,6 +66,7 @@ server.create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_buck
 # One writer process: removals (one list of ids each, a pause between) or gc rounds, until the stop file.
 WORKER = r"""
 import json, os, sys, time
+from cli.exits import exit_with  # first: it leaves past Arrow's teardown crash (apache/arrow#34314)
 spec = json.loads(sys.argv[1])
 root, records = spec["memory"], []
 if spec["kind"] == "remove":
@@ -82,6 +83,7 @@ else:
         records.append(collect_garbage(root, keep=1)["deleted_paths"])
         time.sleep(spec["pause"])
 print(json.dumps(records))
+exit_with(0)
 """
 
 
