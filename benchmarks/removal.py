@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python benchmarks/removal.py`` (``--help`` for sizes; about 10 minutes on 2 cores).
 Default: 200,000 x 64 clustered unit vectors (100 clusters, seeded) in one ScaNN shard (a tree),
 2,000 queries, k=10. Every removed version is measured side by side, in this process, with the
-clean version 1 of the same items (and, with ``--rebuilt``, a tree built from the live items only).
+clean version 1 of the same items, the two taking turns in every timed repeat (and, with
+``--rebuilt``, a tree built from the live items only).
 
 Two ways to remove (``--modes``): ``random`` items, or whole ``class``es (shuffled classes, the last
 one cut), nested so that 1% contains the 0.1%. Two query sets: ``all`` (new points drawn like the
@@ -82,16 +83,30 @@ def truth(x, live, q, k):
     return live[np.asarray(brute.search_batched_parallel(q, k)[0], dtype=np.int64)]
 
 
-def measure(path, version, q, k, ids, want_rows, repeat):
-    """Open ``version`` (timed: it includes deleting removed items) and time searches of ``q``."""
-    t = time.perf_counter()
-    with Memory.open(path, version) as mem:
-        open_s = time.perf_counter() - t
-        mem.search(q[:256], k)  # warm-up
-        secs, nb = timed(lambda: mem.search(q, k), repeat)
-    want = ids[want_rows]
-    rec = float(np.mean([len(set(g) & set(w)) / k for g, w in zip(nb.ids, want)]))
-    return {"qps": len(q) / secs, "recall": rec, "padded": int((nb.labels == -1).sum()), "open_s": open_s}
+def measure(path, versions, q, k, ids, want_rows, repeat):
+    """Open each of ``versions`` (timed: opening includes deleting removed items) and time searches
+    of ``q``, the versions taking turns in every repeat (a busy moment of a shared machine hits all
+    alike); recall@k of each against its ``want_rows``."""
+    opened, out = [], []
+    try:
+        for v in versions:
+            t = time.perf_counter()
+            opened.append(Memory.open(path, v))
+            out.append({"open_s": time.perf_counter() - t, "secs": float("inf")})
+        for mem in opened:
+            mem.search(q[:256], k)  # warm-up
+        for _ in range(repeat):
+            for mem, o in zip(opened, out):
+                secs, nb = timed(lambda: mem.search(q, k))
+                o["secs"], o["nb"] = min(o["secs"], secs), nb
+    finally:
+        for mem in opened:
+            mem.close()
+    for o, want in zip(out, want_rows):
+        nb = o.pop("nb")
+        o.update(qps=len(q) / o.pop("secs"), padded=int((nb.labels == -1).sum()),
+                 recall=float(np.mean([len(set(g) & set(w)) / k for g, w in zip(nb.ids, ids[want])])))
+    return out
 
 
 def run_dataset(name, x, labels, q_all, args, work, rng):
@@ -117,8 +132,8 @@ def run_dataset(name, x, labels, q_all, args, work, rng):
             near = x[gone[rng.integers(0, len(gone), len(q_all))]] + 0.1 * rng.standard_normal(q_all.shape)
             q_near = (near / np.linalg.norm(near, axis=1, keepdims=True)).astype(np.float32)
             for qname, q in (("all", q_all), ("near", q_near)):
-                clean = measure(path, 1, q, k, ids, truth(x, np.arange(len(x)), q, k), args.repeat)
-                removed = measure(path, None, q, k, ids, truth(x, live, q, k), args.repeat)
+                clean, removed = measure(path, [1, None], q, k, ids,
+                                         [truth(x, np.arange(len(x)), q, k), truth(x, live, q, k)], args.repeat)
                 row = {"data": name, "mode": mode, "removed": f, "queries": qname, "clean": clean, "removed_m": removed}
                 if args.rebuilt:
                     row["rebuilt"] = measure_rebuilt(work, x, labels, ids, live, q, k, truth(x, live, q, k), args)
@@ -134,7 +149,7 @@ def measure_rebuilt(work, x, labels, ids, live, q, k, want_rows, args):
     shutil.rmtree(path, ignore_errors=True)
     write_memory(path, x[live], labels[live], ids[live], backend="scann", class_names=class_names(labels),
                  backend_params={"brute_force": False})
-    return measure(path, None, q, k, ids, want_rows, args.repeat)
+    return measure(path, [None], q, k, ids, [want_rows], args.repeat)[0]
 
 
 def print_report(rows, k):

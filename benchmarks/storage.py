@@ -11,8 +11,9 @@ measured side by side in one process:
   other cached image is the memory;
 - options: raw ScaNN configurations on (b) (codes per block, reorder types) and exact search on
   per-vector int8 and int4 copies: the measurements the modes were chosen by;
-- tuning: ``--tuning-n`` (default 200,000) x 64 clustered items, one shard and four hashed shards,
-  ScaNN defaults against ``--target-recall`` 0.95, recall@10 on held-out queries.
+- tuning: ``--tuning-n`` (default 200,000) x 64 items (search.py's 1,000 clusters, and 100 tight
+  clusters), one shard and four hashed shards, ScaNN defaults against ``--target-recall`` 0.95,
+  recall@10 on 1,000 held-out queries.
 
 For each (backend, mode), one shard holds the memory, built with ``write_memory`` (ScaNN tuned to
 recall 0.95). Bytes per item come from ``vismem info``'s measurement (files on disk; RAM grown while
@@ -247,35 +248,53 @@ def options_table(rows, dim) -> str:
 
 # --- tuning: defaults against --target-recall -----------------------------------------------------
 
+def tight_clusters(n, dim, clusters, noise, seed):
+    """Unit vectors in ``clusters`` Gaussian blobs of per-dimension ``noise`` (the tests' generator):
+    with few, tight clusters, ScaNN's default settings miss neighbours."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centres[labels] + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
 def run_tuning(args, work):
-    x, labels, q = make_data(args.tuning_n, 64, 1000, 1000, seed=7)
-    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
-    ids = np.array([f"i{i:08d}" for i in range(len(x))], dtype=object)
+    """ScaNN defaults against ``--target-recall`` on two kinds of 64-d data, in one and four hashed shards."""
+    wide_x, wide_labels, wide_q = make_data(args.tuning_n, 64, 1000, 1000, seed=7)
+    tight_x, tight_labels = tight_clusters(args.tuning_n + 1000, 64, 100, 0.3, seed=7)
+    sets = {"1,000 clusters (search.py)": (wide_x, wide_labels, wide_q),
+            "100 tight clusters": (tight_x[:args.tuning_n], tight_labels[:args.tuning_n], tight_x[args.tuning_n:])}
     out = []
-    for shards in (1, 4):
-        for target in (None, args.target_recall):
-            path = os.path.join(work, f"tune-{shards}-{target}")
-            m = write_memory(path, x, labels, ids, num_shards=shards, backend="scann",
-                             class_names=[str(i) for i in range(1000)], target_recall=target)
-            with Memory.open(path) as mem:
-                mem.search(q[:64], 10)
-                secs, nb = timed(lambda: mem.search(q, 10), repeat=2)
-            rows = np.vectorize(lambda s: int(s[1:]))(nb.ids)
-            row = {"shards": shards, "target": target, "recall@10": round(recall(rows, truth, 10), 4),
-                   "qps": round(len(q) / secs, 1),
-                   "settings": [(s.params["num_leaves_to_search"], s.params["num_leaves"], s.params["reorder"],
-                                 s.params.get("recall")) for s in m.shards]}
-            out.append(row)
-            print(json.dumps(row), flush=True)
+    for data, (x, labels, q) in sets.items():
+        truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+        ids = np.array([f"i{i:08d}" for i in range(len(x))], dtype=object)
+        for shards in (1, 4):
+            for target in (None, args.target_recall):
+                path = os.path.join(work, f"tune-{len(out)}")
+                t0 = time.perf_counter()
+                m = write_memory(path, x, labels % 1000, ids, num_shards=shards, backend="scann",
+                                 class_names=[str(i) for i in range(1000)], target_recall=target)
+                build_s = time.perf_counter() - t0
+                with Memory.open(path) as mem:
+                    mem.search(q[:64], 10)
+                    secs, nb = timed(lambda: mem.search(q, 10), repeat=2)
+                rows = np.vectorize(lambda s: int(s[1:]))(nb.ids)
+                row = {"data": data, "shards": shards, "target": target, "recall@10": round(recall(rows, truth, 10), 4),
+                       "qps": round(len(q) / secs, 1), "build_s": round(build_s, 1),
+                       "settings": [(s.params["num_leaves_to_search"], s.params["num_leaves"], s.params["reorder"],
+                                     s.params.get("recall")) for s in m.shards]}
+                out.append(row)
+                print(json.dumps(row), flush=True)
     return out
 
 
 def tuning_table(rows) -> str:
-    lines = ["| shards | target | recall@10 (held out) | q/s "
+    lines = ["| data | shards | target | recall@10 (held out) | q/s | build s "
              "| per shard: leaves searched/leaves, reorder, recorded recall |",
-             "| --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['shards']} | {r['target'] or 'off (defaults)'} | {r['recall@10']:.3f} | {r['qps']:,.0f} | "
+        lines.append(f"| {r['data']} | {r['shards']} | {r['target'] or 'off (defaults)'} | {r['recall@10']:.3f} | "
+                     f"{r['qps']:,.0f} | {r['build_s']:.0f} | "
                      + "; ".join(f"{a}/{b}, {c}, {d}" for a, b, c, d in r["settings"]) + " |")
     return "\n".join(lines)
 

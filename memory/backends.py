@@ -337,6 +337,11 @@ class ScannIndex:
         else:
             base = int(leaves_to_search or self.params["num_leaves_to_search"])
             per_query = self.leaves.leaves(q, base)
+            counts, sizes = np.unique(per_query, return_counts=True)
+            for i in range(len(counts) - 1):  # a group under one ScaNN batch joins the next: fewer calls
+                if sizes[i] < 256:
+                    per_query[per_query == counts[i]] = counts[i + 1]
+                    sizes[i + 1] += sizes[i]
             sims, rows = np.empty((len(q), kk), np.float32), np.empty((len(q), kk), np.int64)
             for count in np.unique(per_query):
                 sel = np.flatnonzero(per_query == count)

@@ -108,7 +108,7 @@ def first_cut(k: int, num_shards: int) -> int:
 
 
 def merge_with_refetch(results, k: int, refetch, ids_of, map_fn=map):
-    """The exact global top-k from per-shard lists cut short, asking shards again only where needed.
+    """The exact global top-k from per-shard lists cut short, searching again only where needed.
 
     Args:
         results: per shard ``(sims (Q, c), keys (Q, c))``, best first, each shard's exact top ``c < k``.
@@ -118,29 +118,21 @@ def merge_with_refetch(results, k: int, refetch, ids_of, map_fn=map):
         map_fn: runs the refetches (``executor.map``-like: function, list of items).
 
     A shard's unseen items are no better than its ``c``-th candidate; where that candidate is worse
-    than the merged k-th (strictly: equal ones might win on id), nothing unseen can enter, so
-    the merge is already exact. Only the other (query, shard) pairs are searched again for k.
+    than the merged k-th (strictly: equal ones might win on id), nothing unseen can enter, so the
+    merge is already exact. Queries where some shard fails that test are searched again for k in
+    every shard, so all of one query's candidates come from one batch (equal vectors in two shards
+    then score bit-equal, and their tie is broken by id as everywhere).
     """
     sims, keys = merge_keys(results, k, ids_of)
     kth = sims[:, k - 1] if sims.shape[1] >= k else np.full(len(sims), -np.inf, np.float32)
-    unsafe = [np.flatnonzero(np.isfinite(s[:, -1]) & (s[:, -1] >= kth)) for s, _ in results]
-    todo = [(i, rows) for i, rows in enumerate(unsafe) if len(rows)]
-    if not todo:
-        return sims[:, :k], keys[:, :k]
-    again = dict(zip((i for i, _ in todo), map_fn(lambda item: refetch(*item), todo)))
-    redo = np.unique(np.concatenate([rows for _, rows in todo]))
-    lists = []
-    for i, (s, kk) in enumerate(results):
-        ws = np.full((len(redo), k), -np.inf, np.float32)
-        wk = np.full((len(redo), k), -1, np.int64)
-        ws[:, :s.shape[1]], wk[:, :s.shape[1]] = s[redo], kk[redo]
-        if i in again:
-            at = np.searchsorted(redo, unsafe[i])
-            ws[at], wk[at] = again[i]
-        lists.append((ws, wk))
-    sims = _widen(sims, k)
-    keys = _widen(keys, k, -1)
-    sims[redo], keys[redo] = merge_keys(lists, k, ids_of)
+    unsafe = np.zeros(len(sims), bool)
+    for s, _ in results:
+        unsafe |= np.isfinite(s[:, -1]) & (s[:, -1] >= kth)
+    sims, keys = _widen(sims, k), _widen(keys, k, -1)
+    redo = np.flatnonzero(unsafe)
+    if len(redo):
+        again = list(map_fn(lambda i: refetch(i, redo), list(range(len(results)))))
+        sims[redo], keys[redo] = (_widen(a, k, f) for a, f in zip(merge_keys(again, k, ids_of), (-np.inf, -1)))
     return sims, keys
 
 

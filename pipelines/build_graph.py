@@ -38,7 +38,8 @@ from memory import items, removals, schema, storage, tuning
 from memory.partition import default_cells, hash_partition, kmeans_partition, train_router
 from memory.shard import write_shard
 from pipelines import validate
-from pipelines.build_stage import concat_batches, read_pieces, remove_staging, split_by_shard, staging_dir, write_piece
+from pipelines.build_stage import (concat_batches, read_ids, read_pieces, remove_staging, split_by_shard, staging_dir,
+                                   write_ids, write_piece)
 from pipelines.beam_runner import METRICS
 from pipelines.build_config import BuildConfig
 from pipelines.build_publish import publish, write_dead_letter
@@ -127,7 +128,7 @@ class StageFile(beam.DoFn):
         self.folder = staging_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
     def process(self, path, router):
-        pieces, count = {}, 0
+        pieces, ids, count = {}, {}, 0
         for good, dead in valid_batches(path, self.cfg, self.forgotten):
             if good is not None:
                 self.rows_read.inc(len(good["ids"]) + len(dead))
@@ -137,10 +138,12 @@ class StageFile(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD, dead)
             if good is None or not len(good["ids"]):
                 continue
-            for bucket in new_id_buckets(good, id_bucket_count(self.cfg)):
-                yield beam.pvalue.TaggedOutput(IDS, bucket)
+            for b, part in validate.id_buckets(good["ids"], id_bucket_count(self.cfg)).items():
+                ids.setdefault(b, []).append(part)
             for j, rows in split_by_shard(good, assign(good, self.cfg, router)).items():
                 pieces.setdefault(j, []).append(rows)
+        for b, parts in sorted(ids.items()):  # staged too: the shuffle carries paths, never the ids
+            yield beam.pvalue.TaggedOutput(IDS, (b, ("new", write_ids(self.folder, b, np.concatenate(parts)))))
         for j, parts in sorted(pieces.items()):
             yield j, write_piece(self.folder, j, concat_batches(parts))
         log.info("staged %s: %d rows in %d shards", path, count, len(pieces))
@@ -161,29 +164,26 @@ class SampleFile(beam.DoFn):
                 yield sample_rows(good, fraction)
 
 
-def new_id_buckets(batch, num_buckets):
-    for b, ids in validate.id_buckets(batch["ids"], num_buckets).items():
-        yield b, ("new", ids)
-
-
-def existing_id_buckets(item, out, num_buckets):
-    """The live ids of one of the memory's shards, by bucket (an add must not repeat them)."""
+def existing_id_buckets(item, cfg: BuildConfig):
+    """The live ids of one of the memory's shards, by bucket, in staging files (an add must not repeat them)."""
+    out, num_buckets = cfg.out, id_bucket_count(cfg)
     path, removed = item
     ids = np.asarray(items.read_items_at(storage.join(out, path), ["id"]).column("id").to_pylist(), dtype=object)
     if removed:
         gone = set(removed)
         ids = ids[np.fromiter((i not in gone for i in ids), dtype=bool, count=len(ids))]
+    folder = staging_dir(cfg.out, cfg.version, cfg.token)
     for b, part in validate.id_buckets(ids, num_buckets).items():
-        yield b, ("old", part)
+        yield b, ("old", write_ids(folder, b, part))
 
 
 def find_duplicates(element):
+    """``(id, reason)`` of each new id of one bucket given twice or already in the memory."""
     _, parts = element
-    new = [ids for kind, ids in parts if kind == "new"]
-    old = [ids for kind, ids in parts if kind == "old"]
-    if not new:
+    new = read_ids(sorted(p for kind, p in parts if kind == "new"))
+    if not len(new):
         return
-    yield from items.duplicate_reasons(np.concatenate(new), np.concatenate(old) if old else ()).items()
+    yield from items.duplicate_reasons(new, read_ids(sorted(p for kind, p in parts if kind == "old"))).items()
 
 
 def _unit_hash(ids) -> np.ndarray:
@@ -297,7 +297,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
     id_parts = staged[IDS]
     if cfg.existing:
         old = (p | "MemoryShards" >> beam.Create(list(cfg.existing)) | "SpreadShards" >> beam.Reshuffle()
-               | "OldIdBuckets" >> beam.FlatMap(existing_id_buckets, cfg.out, id_bucket_count(cfg)))
+               | "OldIdBuckets" >> beam.FlatMap(existing_id_buckets, cfg))
         id_parts = (id_parts, old) | "AllIds" >> beam.Flatten()
     duplicates = id_parts | "GroupIds" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(find_duplicates)
     written = (staged.pieces | "GroupByShard" >> beam.GroupByKey()

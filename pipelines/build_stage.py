@@ -4,7 +4,8 @@ A runner's shuffle holds what goes through it: the DirectRunner keeps every grou
 driver process (and pushes a whole bundle to one worker), so a build that grouped its rows by shard
 held every vector of the memory in one process. Instead, each input file's valid rows are split
 by shard and written to staging files (one per file and shard, Parquet); only their paths go
-through the shuffle, and the writer of a shard reads its own pieces. The staging folder,
+through the shuffle, and the writer of a shard reads its own pieces. The ids for the duplicate
+check travel the same way, by bucket. The staging folder,
 ``shards/vNNNNNNNN.TOKEN/staging/``, sits beside the run's shard folders (so ``vismem gc`` treats
 the leftovers of a failed run like its other unfinished folders) and is removed after publishing.
 """
@@ -48,6 +49,23 @@ def write_piece(folder: str, part: int, batch: dict) -> str:
     path = storage.join(folder, f"part-{part:05d}", f"{uuid.uuid4().hex}.parquet")
     storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
     return path
+
+
+def write_ids(folder: str, bucket: int, ids) -> str:
+    """One file's (or one shard's) ids of duplicate-check bucket ``bucket`` as a staging file."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": pa.array(np.asarray(ids, dtype=object), pa.string())}), sink)
+    path = storage.join(folder, f"ids-{bucket:05d}", f"{uuid.uuid4().hex}.parquet")
+    storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def read_ids(paths) -> np.ndarray:
+    """The ids of staging files written by :func:`write_ids`, concatenated (object array)."""
+    if not paths:
+        return np.zeros(0, dtype=object)
+    return np.concatenate([np.asarray(pq.read_table(pa.BufferReader(storage.read_bytes(p))).column("id")
+                                      .to_numpy(zero_copy_only=False), dtype=object) for p in paths])
 
 
 def read_pieces(paths) -> dict:

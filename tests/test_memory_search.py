@@ -117,3 +117,20 @@ def test_merge_topk_orders_by_similarity_then_id():
     assert ids.tolist() == [["a", "b", "c"]]
     assert payload.tolist() == [[3, 1, 4]]
     np.testing.assert_allclose(sims, [[0.9, 0.9, 0.7]])
+
+
+def test_numeric_merge_and_one_gather_equal_the_object_merge(tmp_path, data):
+    # The memory merges (similarity, key) numbers and gathers ids once; the per-shard object merge
+    # (every shard gathers its own ids, labels, weights) must give the same answer, ties included.
+    x, labels, ids, q = data
+    write_memory(str(tmp_path / "m"), x, labels, ids, num_shards=5, class_names=CLASSES)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        assert all(np.shares_memory(mem.columns.ids, s.ids) for s in mem.shards)  # views, not copies
+        nb = mem.search(q, 40)
+        qn = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        sims, want_ids, want_labels, want_weights = merge_topk([s.search(qn, 40) for s in mem.shards], 40)
+    np.testing.assert_array_equal(nb.ids, want_ids)
+    np.testing.assert_array_equal(nb.labels, want_labels)
+    np.testing.assert_array_equal(nb.weights, want_weights)
+    # Shards re-asked for a subset of queries score them in other batches: equal up to float rounding.
+    np.testing.assert_allclose(nb.sims, sims, atol=1e-6)

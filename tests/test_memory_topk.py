@@ -128,5 +128,5 @@ def test_merge_with_refetch_equals_merging_full_lists(seed):
     want = merge_keys(full, k, ids_of)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0], want[0])
-    assert (0, 5) in calls or any(i == 0 and n >= 5 for i, n in calls)  # shard 0 asked again
-    assert sum(n for _, n in calls) < q * shards / 2  # most (query, shard) pairs were not
+    assert calls and all(n >= 5 for _, n in calls)  # the five queries (at least) asked again
+    assert sum(n for _, n in calls) < q * shards / 2  # most queries were not
