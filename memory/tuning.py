@@ -174,7 +174,8 @@ def tune_index(index, x: np.ndarray, exact: Callable, *, target: float, fixed: d
     truth = without_source(exact(queries, k + 1), sources, k)
     if index.name == "scann" and not p.get("brute_force"):
         pairs = ladder(p, n, fixed or {})
-        code_bytes = dim / max(int(p["dimensions_per_block"]), 1) / 2  # 16-centre codes: 4 bits per block
+        bits = 8 if p.get("hash_type") == "lut256" else 4  # 256 or 16 centres per block
+        code_bytes = dim / max(int(p["dimensions_per_block"]), 1) * bits / 8
         rb = reorder_bytes(p.get("storage", "float32"), dim)
 
         def cost_of(leaves, reorder):
