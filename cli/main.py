@@ -10,6 +10,7 @@ import sys
 from cli import build, demo, deploy, embed, evaluate, manage, plan
 from cli.common import VerbParser, print_json
 from memory.manifest import ConcurrentUpdate
+from memory.ray_shards import ShardLost
 
 # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
 VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, build.add_compact,
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"vismem {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except ShardLost as exc:  # the cluster failed, not the input: one line, and another status
+        print(f"vismem {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
