@@ -87,29 +87,33 @@ def _our_encoder_actors():
 
 
 def test_encoder_actor_killed_mid_run_is_restarted_and_no_row_is_lost(tmp_path):
-    spec = SourceSpec("fashion-mnist", split="test", limit=200, shard_size=40)
+    # Ten shards, so that the run is still going when the first one lands, however slowly Ray starts on
+    # a busy machine; the killer watches until the run ends (a fixed deadline once expired under load).
+    spec = SourceSpec("fashion-mnist", split="test", limit=400, shard_size=40)
     out = tmp_path / "out"
-    killed = []
+    killed, finished = [], threading.Event()
 
     def kill_after_first_shard():
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
+        while not finished.is_set() and not killed:
             done = [n for n in os.listdir(out / "embeddings")] if (out / "embeddings").exists() else []
             if any(n.endswith(".parquet") for n in done):
                 for p in _our_encoder_actors():
                     os.kill(p.pid, signal.SIGKILL)  # a process this test's run started, by its id
                     killed.append(p.pid)
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     t = threading.Thread(target=kill_after_first_shard)
     t.start()
-    s = run_embed(EmbedConfig(spec, str(out), image_size=32, batch_size=10, progress=False))
-    t.join()
+    try:
+        s = run_embed(EmbedConfig(spec, str(out), image_size=32, batch_size=10, progress=False))
+    finally:
+        finished.set()
+        t.join()
     assert killed, "the encoder actor was never found to kill"
-    assert s["shards"]["written_this_run"] == 5 and s["counts"]["embedded"] == 200
+    assert s["shards"]["written_this_run"] == 10 and s["counts"]["embedded"] == 400
     run = read_run(str(out))
-    assert run["ids"].tolist() == [f"fashion-mnist/test/{i:05d}" for i in range(200)]
-    assert len(OutputLayout(str(out)).completed()) == 5
+    assert run["ids"].tolist() == [f"fashion-mnist/test/{i:05d}" for i in range(400)]
+    assert len(OutputLayout(str(out)).completed()) == 10
 
 
 class _CountingFile(io.RawIOBase):
