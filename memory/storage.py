@@ -65,17 +65,28 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.write(data)
         return
     os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+    tmp = _fsynced_temp(p, data)
+    try:
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never leave the temporary file behind
+            os.remove(tmp)
+        raise
+
+
+def _fsynced_temp(p: str, data: bytes) -> str:
+    """``data`` in a durable temporary file beside local path ``p`` (removed again if writing fails)."""
     tmp = f"{p}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
     except BaseException:
-        with contextlib.suppress(OSError):  # never leave the temporary file behind
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    return tmp
 
 
 def create_new(path: str, data: bytes) -> None:
@@ -96,12 +107,8 @@ def create_new(path: str, data: bytes) -> None:
         return
     folder = os.path.dirname(p) or "."
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+    tmp = _fsynced_temp(p, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, p)
         except FileExistsError:
