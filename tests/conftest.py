@@ -55,6 +55,19 @@ def oracle_topk(queries, items, ids, k):
     return np.array(out_ids, dtype=object), np.array(out_sims)
 
 
+def wait_for_port(port: int, proc, what: str, timeout_s: float = 30) -> None:
+    """Wait until a server ``proc`` listens on loopback ``port``; kill it and fail after ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A gcp-storage-emulator on loopback; yields a fresh ``gs://`` bucket URL per session."""
@@ -67,16 +80,7 @@ def gcs_emulator():
         [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", bucket, "-q"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("gcp-storage-emulator did not start")
+    wait_for_port(port, proc, "gcp-storage-emulator")
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"

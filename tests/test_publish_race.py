@@ -8,7 +8,6 @@ against the same emulator with its upload handler taught that one rule (:data:`S
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import clustered
+from conftest import clustered, wait_for_port
 from memory import Memory, publishing, removals, schema, storage, write_memory
 from memory import manifest as mf
 from memory.mutations import collect_garbage, derive_manifest, remove_items
@@ -24,6 +23,7 @@ from memory.shard import write_shard
 from pipelines.beam_runner import BuildFailed
 from pipelines.build import add_to_memory
 from pipelines.compact import compact_memory
+from ray_head import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["a", "b", "c"]
@@ -87,27 +87,12 @@ exit_with(0)
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def strict_emulator():
-    port, bucket = _free_port(), "vismem-race"
+    port, bucket = free_port(), "vismem-race"
     proc = subprocess.Popen([sys.executable, "-c", STRICT_EMULATOR, str(port), bucket],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("the strict emulator did not start")
+    wait_for_port(port, proc, "the strict emulator")
     yield f"http://127.0.0.1:{port}", f"gs://{bucket}"
     proc.terminate()
     proc.wait(10)
