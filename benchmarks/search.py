@@ -31,15 +31,23 @@ IVF_SWEEP = [(2, 100), (4, 100), (4, 200), (8, 200), (4, 400), (8, 400), (16, 40
 HNSW_EFS = [64, 128, 256, 512]
 
 
-def make_data(n, dim, clusters, queries, seed):
+def labelled_data(n, dim, clusters, queries, seed):
+    """Unit vectors in ``clusters`` Gaussian clusters (seeded): items, their clusters, queries, theirs."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+
     def draw(m):
         c = rng.integers(0, clusters, m)
         x = centres[c] + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), c
+
     x, labels = draw(n)
-    q, _ = draw(queries)
+    q, q_labels = draw(queries)
+    return x, labels, q, q_labels
+
+
+def make_data(n, dim, clusters, queries, seed):
+    x, labels, q, _ = labelled_data(n, dim, clusters, queries, seed)
     return x, labels % 1000, q
 
 

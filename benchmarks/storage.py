@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.search import make_data, recall, timed  # noqa: E402
+from benchmarks.search import labelled_data, make_data, recall, timed  # noqa: E402
 from memory import Memory, write_memory  # noqa: E402
 from memory.info import memory_info  # noqa: E402
 
@@ -104,21 +104,6 @@ def load_fmnist(cache: str, queries: int):
         raise SystemExit(f"{cache} holds {len(tx)} test embeddings; {queries} are needed as queries (--embed)")
     mx, my = np.concatenate([rx, tx[queries:]]), np.concatenate([ry, ty[queries:]])
     return mx, my, tx[:queries], ty[:queries], {"train": len(rx), "test": len(tx)}
-
-
-def labelled_data(n, dim, clusters, queries, seed):
-    """:func:`benchmarks.search.make_data`'s items and queries (the same draws), with the queries' clusters too."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-
-    def draw(m):
-        c = rng.integers(0, clusters, m)
-        x = centres[c] + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), c
-
-    x, labels = draw(n)
-    q, q_labels = draw(queries)
-    return x, labels, q, q_labels
 
 
 # --- one memory per (backend, mode) ---------------------------------------------------------------
