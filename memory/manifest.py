@@ -392,6 +392,7 @@ def read_manifest(root: str, version: int | None = None) -> Manifest:
         MemoryFormatError: unreadable JSON, another format, a newer format version, or a field that
             is missing, unknown or of the wrong type (named).
     """
+    pinned = version is not None  # the latest version is never retired: no marker to look for
     if version is None:
         version = latest_version(root)
         if version is None:
@@ -408,7 +409,7 @@ def read_manifest(root: str, version: int | None = None) -> Manifest:
         d = json.loads(storage.read_bytes(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MemoryFormatError(f"{path} is corrupt: {exc}") from exc
-    if (isinstance(d, dict) and d.get("retired")) or storage.exists(_retired_path(root, version)):
+    if (isinstance(d, dict) and d.get("retired")) or (pinned and storage.exists(_retired_path(root, version))):
         raise VersionRetired(f"version {version} of {root} was deleted by `vismem gc` "
                              f"(versions that can be opened: {list_versions(root)})")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
