@@ -19,9 +19,12 @@ setup(
         "pyarrow>=14",
         "fsspec>=2024.2",
         "gcsfs>=2024.2",
-        "apache-beam>=2.60",
+        # Pinned: the Beam worker image (deploy/Dockerfile.beam) must run the launcher's exact Beam, and a
+        # new release on the index otherwise changes the launcher under a fresh install.
+        "apache-beam==2.78.0",
         # [default]: the dashboard and its job submission API (vismem submit / jobs).
-        "ray[default]>=2.40",
+        # Pinned like Beam: a Ray client must run the cluster images' Ray (deploy/Dockerfile*, kuberay).
+        "ray[default]==2.60.0",
         # vismem serve: the HTTP API, its server and the Python client; cluster files are YAML.
         "fastapi>=0.110",
         "uvicorn>=0.29",

@@ -65,10 +65,13 @@ def test_dockerfiles_agree_with_setup_py(name):
     assert f'"torch==${{TORCH_VERSION}}" .' in d["text"] and "download.pytorch.org/whl/" in d["text"]
     if name == "Dockerfile.beam":
         assert d["base"] == f"apache/beam_python3.11_sdk:{beam.__version__}"  # the launcher's Beam
-        assert SETUP["requires"]["apache-beam"].specifier.contains(d["args"]["BEAM_VERSION"])
+        # setup.py pins exactly that Beam: a range let a new release on the index move a fresh
+        # install's launcher away from the worker image.
+        assert SETUP["requires"]["apache-beam"].specifier == SpecifierSet("==" + d["args"]["BEAM_VERSION"])
     else:
         ray_version = d["args"]["RAY_VERSION"]
-        assert SETUP["requires"]["ray"].specifier.contains(ray_version) and "default" in SETUP["requires"]["ray"].extras
+        assert SETUP["requires"]["ray"].specifier == SpecifierSet("==" + ray_version)
+        assert "default" in SETUP["requires"]["ray"].extras
         assert d["base"].startswith(f"rayproject/ray:{ray_version}-py311-")
         assert d["base"].endswith("-cpu") == (name == "Dockerfile")
 
