@@ -134,3 +134,16 @@ def test_numeric_merge_and_one_gather_equal_the_object_merge(tmp_path, data):
     np.testing.assert_array_equal(nb.weights, want_weights)
     # Shards re-asked for a subset of queries score them in other batches: equal up to float rounding.
     np.testing.assert_allclose(nb.sims, sims, atol=1e-6)
+
+
+def test_exact_float32_keeps_one_copy_and_breaks_a_straddling_tie_by_id(tmp_path, data):
+    # ScaNN's brute-force searcher holds the only float32 copy in RAM (a second one doubled the
+    # shard's bytes); ties across the k-th place are re-scored by the same kernel and cut by id.
+    x, labels, ids, q = data
+    write_memory(str(tmp_path / "m"), x, labels, ids, num_shards=1, class_names=CLASSES)
+    twins = sorted(ids[[0, *range(1500, 1510)]])  # eleven copies of x[0]
+    with Memory.open(str(tmp_path / "m")) as mem:
+        assert mem.shards[0].index.embeddings is None and len(mem.shards[0].index) == len(x)
+        got = mem.search(q[:1], 5)
+    assert got.ids[0].tolist() == twins[:5]
+    np.testing.assert_allclose(got.sims[0], 1.0, atol=1e-5)
