@@ -38,7 +38,7 @@ from benchmarks.search import labelled_data, make_data, recall, timed  # noqa: E
 from memory import Memory, write_memory  # noqa: E402
 from memory.info import memory_info  # noqa: E402
 
-CASES = [("exact", "float32"), ("exact", "float16"), ("exact", "int8"),
+CASES = [("exact", "float32"), ("exact", "float16"), ("exact", "int8"), ("exact", "pca"),
          ("scann", "float32"), ("scann", "float16"), ("scann", "int8"), ("scann", "codes")]
 K = 50  # the neighbours that vote
 
@@ -122,7 +122,8 @@ def measure(work, name, x, labels, q, qy, classes, backend, mode, ref, target):
         secs, res = timed(lambda: mem.classify(q, K, "rank"), repeat=2)
     rows = np.vectorize(lambda s: int(s[1:]))(res.neighbours.ids)
     p = manifest.shards[0].params
-    out = {"data": name, "backend": backend, "storage": mode, "items": len(x), "build_s": round(build_s, 1),
+    out = {"data": name, "backend": backend, "storage": mode, "items": len(x), "dim": x.shape[1],
+           "build_s": round(build_s, 1),
            "disk": info["bytes_per_item"]["disk"], "ram": info["bytes_per_item"]["ram"],
            "qps": round(len(q) / secs, 1), "predictions": res.predictions,
            "accuracy": round(float(np.mean(res.predictions == qy)), 4), "rows": rows,
@@ -157,19 +158,23 @@ def vector_bytes(row, where):
 def table(rows) -> str:
     base = {r["data"]: r for r in rows if (r["backend"], r["storage"]) == ("scann", "float32")}
     lines = ["| data | backend | storage | disk B/item (vectors+index+reorder / items) | RAM B/item (index / items) "
-             "| disk, RAM vs ScaNN float32 | recall@10 | q/s | agreement | accuracy | settings |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| disk, RAM vs ScaNN float32 | disk, RAM vs float32 vectors (4 x dim) | recall@10 | q/s | agreement "
+             "| accuracy | settings |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         b = base.get(r["data"])
         ratio = "" if b is None else (f"1/{vector_bytes(b, 'disk') / vector_bytes(r, 'disk'):.1f}, "
                                       f"1/{b['ram']['index'] / max(r['ram']['index'], 1e-9):.1f}")
+        raw = 4 * r.get("dim", 0)
+        eighth = (f"1/{raw / vector_bytes(r, 'disk'):.1f}, 1/{raw / max(r['ram']['index'], 1e-9):.1f}"
+                  if raw else "")
         s = r["settings"]
         tuned = "" if "num_leaves_to_search" not in s or s.get("brute_force") else (
             f"leaves {s['num_leaves_to_search']}/{s['num_leaves']}, reorder {s['reorder']}, "
             f"tuned recall {s.get('recall')}")
         lines.append(f"| {r['data']} ({r['items']:,}) | {r['backend']} | {r['storage']} | "
                      f"{vector_bytes(r, 'disk'):,.0f} / {r['disk']['items']:.0f} | {r['ram']['index']:,.0f} / "
-                     f"{r['ram']['items']:.0f} | {ratio} | {r['recall@10']:.3f} | {r['qps']:,.0f} | "
+                     f"{r['ram']['items']:.0f} | {ratio} | {eighth} | {r['recall@10']:.3f} | {r['qps']:,.0f} | "
                      f"{r['agreement']:.4f} | {r['accuracy']:.3f} | {tuned} |")
     return "\n".join(lines)
 

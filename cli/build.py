@@ -84,11 +84,13 @@ def add_build(sub) -> None:
     b.add_argument("--partition", choices=("hash", "kmeans"), default="hash",
                    help="hash: by id, stable (default); kmeans: by nearest centroid, enabling --probe-shards routing")
     b.add_argument("--backend", choices=("scann", "exact"), default="scann", help="index backend (default scann)")
-    b.add_argument("--storage", "--storage-dtype", dest="storage", choices=("float32", "float16", "int8", "codes"),
-                   default="float32",
+    b.add_argument("--storage", "--storage-dtype", dest="storage",
+                   choices=("float32", "float16", "int8", "codes", "pca"), default="float32",
                    help="how vectors are stored: float32 (default); float16 (ScaNN reorders on bfloat16); int8 "
                         "(per-vector scaled; ScaNN reorders on its int8); codes (ScaNN only: searches on its "
-                        "4-bit-per-dimension hashing codes alone, keeping a 4-bit copy on disk for rebuilds)")
+                        "4-bit-per-dimension hashing codes alone, keeping a 4-bit copy on disk for rebuilds); "
+                        "pca (exact only: PCA transform codes, an eighth of float32's bytes with the shard's "
+                        "codebook, bits given to the axes the votes depend on; see README's storage table)")
     b.add_argument("--target-recall", type=_target_recall, default=0.95,
                    help="tune each ScaNN shard's leaves searched and candidates reordered to this recall@10 "
                         "against brute force, measured on a sample of its items (default 0.95; 'off': keep "

@@ -21,8 +21,9 @@ from memory.topk import order_best_first
 
 EMBEDDINGS_FILE = "embeddings.npy"
 SCALES_FILE = "embedding_scales.npy"  # per-vector scales of the int8 and codes modes' stored copy
+CODEBOOK_FILE = "embedding_codebook.npz"  # the pca mode's per-shard codebook (memory.transform_codes)
 SCANN_DIR = "scann"
-EXACT_MODES = ("float32", "float16", "int8")
+EXACT_MODES = ("float32", "float16", "int8", "pca")
 # Below this many items ScaNN's own brute force is both exact and fast (DESIGN.md, measured here).
 SCANN_BRUTE_FORCE_BELOW = 20_000
 
@@ -36,7 +37,7 @@ def storage_mode(params: dict | None, vectors: np.ndarray | None = None) -> str:
 
 def vector_files(mode: str) -> list[str]:
     """The files of a shard's stored copy in ``mode`` (relative to the shard folder)."""
-    return [EMBEDDINGS_FILE] + ([SCALES_FILE] if mode in ("int8", "codes") else [])
+    return [EMBEDDINGS_FILE] + {"int8": [SCALES_FILE], "codes": [SCALES_FILE], "pca": [CODEBOOK_FILE]}.get(mode, [])
 
 
 def save_vectors(directory: str, arrays: dict) -> None:
@@ -44,6 +45,8 @@ def save_vectors(directory: str, arrays: dict) -> None:
     np.save(os.path.join(directory, EMBEDDINGS_FILE), arrays["vectors"])
     if "scales" in arrays:
         np.save(os.path.join(directory, SCALES_FILE), arrays["scales"])
+    if "codebook" in arrays:
+        np.savez(os.path.join(directory, CODEBOOK_FILE), **arrays["codebook"])
 
 
 def load_vectors(directory: str, mmap: bool = False) -> dict:
@@ -53,7 +56,16 @@ def load_vectors(directory: str, mmap: bool = False) -> dict:
     scales = os.path.join(directory, SCALES_FILE)
     if os.path.exists(scales):
         out["scales"] = np.load(scales, mmap_mode=mode)
+    codebook = os.path.join(directory, CODEBOOK_FILE)
+    if os.path.exists(codebook):
+        out["codebook"] = read_codebook(codebook)
     return out
+
+
+def read_codebook(path_or_file) -> dict:
+    """The pca mode's codebook arrays from its ``.npz`` (a path or an open binary file)."""
+    with np.load(path_or_file, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _pad(sims, rows, k):
@@ -99,6 +111,8 @@ class ExactIndex:
     - ``float16`` (half the memory) and ``int8`` (a quarter, per-vector scaled):
       ``queries @ items.T`` in float32 over blocks with a running top-k (:mod:`memory.exact_kernel`,
       which imports torch only when used). Scores are exact for the stored (rounded) vectors.
+    - ``pca`` (an eighth): the same blocks over PCA transform codes, each block's levels read from
+      the bitstreams and scored on the kept axes (``<R^T q, y^> + <q, mean>``), never at full dimension.
 
     Either way one extra candidate is fetched; when it ties the k-th, that query is re-scored over
     all items with one consistent kernel and cut by (similarity desc, row asc).
@@ -107,13 +121,16 @@ class ExactIndex:
     name = "exact"
 
     def __init__(self, embeddings: np.ndarray, dtype: str = "float32", scales: np.ndarray | None = None,
-                 query_block: int = 1024, item_block: int = 8192):
+                 query_block: int = 1024, item_block: int = 8192, codebook: dict | None = None):
         if dtype not in EXACT_MODES:
             raise ValueError(f"exact backend storage must be one of {', '.join(EXACT_MODES)}, got {dtype!r}")
         if dtype == "int8" and scales is None:
             raise ValueError("int8 storage needs the per-vector scales")
+        if dtype == "pca" and codebook is None:
+            raise ValueError("pca storage needs the shard's codebook")
         self.dtype = dtype
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=dtype)
+        self.codebook = codebook
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.uint8 if dtype == "pca" else dtype)
         self.scales = None if scales is None else np.ascontiguousarray(scales, dtype=np.float32)
         self.query_block = int(query_block)
         self.item_block = int(item_block)
@@ -134,12 +151,13 @@ class ExactIndex:
         """From float32 rows, stored as ``params["storage"]`` (default float32) would store them."""
         mode = storage_mode(params)
         arrays = quantize.encode(embeddings, mode)
-        return cls(arrays["vectors"], dtype=mode, scales=arrays.get("scales"))
+        return cls(arrays["vectors"], dtype=mode, scales=arrays.get("scales"), codebook=arrays.get("codebook"))
 
     @classmethod
     def load(cls, directory, params):
         arrays = load_vectors(directory)
-        return cls(arrays["vectors"], dtype=storage_mode(params, arrays["vectors"]), scales=arrays.get("scales"))
+        return cls(arrays["vectors"], dtype=storage_mode(params, arrays["vectors"]), scales=arrays.get("scales"),
+                   codebook=arrays.get("codebook"))
 
     def save(self, directory):
         """Nothing of its own: the stored copy, which the shard writer writes for every backend, is the index."""
@@ -152,7 +170,14 @@ class ExactIndex:
         if self._torch is None:
             from memory.exact_kernel import BlockedKernel
 
-            self._torch = BlockedKernel(self.embeddings, self.query_block, self.item_block, self.scales)
+            if self.dtype == "pca":
+                from memory.exact_kernel import TransformCodes
+
+                # Every query in one pass over the items: a block's levels are read once, not per query block.
+                self._torch = BlockedKernel(self.embeddings, max(self.query_block, 8192), self.item_block,
+                                            codes=TransformCodes(self.codebook))
+            else:
+                self._torch = BlockedKernel(self.embeddings, self.query_block, self.item_block, self.scales)
         return self._torch
 
     def search(self, queries, k, **knobs):

@@ -1,6 +1,6 @@
 """The blocked torch kernel of the exact backend: ``queries @ items.T`` in blocks, a running top-k.
 
-Imported only when an exact index needs it (float16 or int8 storage, or re-scoring tied queries), so that
+Imported only when an exact index needs it (float16, int8 or pca storage, or re-scoring tied queries), so that
 commands that never search do not pay for importing torch.
 """
 from __future__ import annotations
@@ -11,19 +11,56 @@ import numpy as np
 import torch
 
 
+class TransformCodes:
+    """A block of PCA transform-code bitstreams (:mod:`memory.transform_codes`) read as float32 levels on
+    the kept axes, in torch; queries are projected onto the same axes once."""
+
+    def __init__(self, book: dict):
+        from memory.transform_codes import layout
+
+        first, shift, mask = layout(book)
+        self.first = torch.from_numpy(first)
+        self.shift = torch.from_numpy(shift)
+        self.mask = torch.from_numpy(mask)
+        self.start = torch.from_numpy(np.asarray(book["level_start"], np.int64))
+        self.levels = torch.from_numpy(np.asarray(book["levels"], np.float32))
+        self.rotation = torch.from_numpy(np.asarray(book["rotation"], np.float32))
+        self.mean = torch.from_numpy(np.asarray(book["mean"], np.float32))
+
+    def queries(self, qt):
+        """``(R^T q, <q, mean>)`` for a float32 query tensor."""
+        return qt @ self.rotation, qt @ self.mean
+
+    def block(self, packed):
+        """``(B, m)`` float32 levels of a ``(B, bytes)`` uint8 block of bitstreams."""
+        p = torch.nn.functional.pad(packed, (0, 2)).to(torch.int32)
+        word = p[:, self.first] | (p[:, self.first + 1] << 8) | (p[:, self.first + 2] << 16)
+        return self.levels[((word >> self.shift) & self.mask) + self.start]
+
+
 class BlockedKernel:
     """Scores in float32 against float32, float16 or per-vector scaled int8 items, one
-    cache-friendly block at a time: ``score = <q, items[i]> * scales[i]`` (no scales: 1)."""
+    cache-friendly block at a time: ``score = <q, items[i]> * scales[i]`` (no scales: 1); or against
+    PCA transform codes (``codes``): ``score = <R^T q, levels[i]> + <q, mean>``."""
 
-    def __init__(self, embeddings: np.ndarray, query_block: int, item_block: int, scales: np.ndarray | None = None):
+    def __init__(self, embeddings: np.ndarray, query_block: int, item_block: int, scales: np.ndarray | None = None,
+                 codes: TransformCodes | None = None):
         self.items = torch.from_numpy(np.ascontiguousarray(embeddings))
         self.scales = None if scales is None else torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
+        self.codes = codes
         self.query_block = query_block
         self.item_block = item_block
 
-    def block_scores(self, qb, i0, buf=None):
+    def _queries(self, q: np.ndarray):
+        """Queries as the blocks score them, and the per-query term added to every score (or None)."""
+        qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        return (qt, None) if self.codes is None else self.codes.queries(qt)
+
+    def block_scores(self, qb, i0, buf=None, bias=None):
         items = self.items[i0:i0 + self.item_block]
-        if items.dtype != torch.float32:
+        if self.codes is not None:
+            items = self.codes.block(items)
+        elif items.dtype != torch.float32:
             items = items.float()
         if buf is None:
             out = qb @ items.T
@@ -34,6 +71,8 @@ class BlockedKernel:
             torch.mm(qb, items.T, out=out)
         if self.scales is not None:
             out.mul_(self.scales[i0:i0 + self.item_block])
+        if bias is not None:
+            out.add_(bias[:, None])
         return out
 
     def topk(self, q: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,22 +80,24 @@ class BlockedKernel:
         n = self.items.shape[0]
         out_s = np.empty((len(q), keep), dtype=np.float32)
         out_r = np.empty((len(q), keep), dtype=np.int64)
-        qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        qt, bias = self._queries(q)
         buf = torch.empty(min(self.query_block, len(q)) * min(self.item_block, n))
         for q0 in range(0, len(q), self.query_block):
             qb = qt[q0:q0 + self.query_block]
+            bb = None if bias is None else bias[q0:q0 + self.query_block]
             best_s = torch.full((len(qb), keep), -math.inf)
             best_r = torch.full((len(qb), keep), -1, dtype=torch.int64)
             for i0 in range(0, n, self.item_block):
-                best_s, best_r = _select(self.block_scores(qb, i0, buf), i0, best_s, best_r)
+                best_s, best_r = _select(self.block_scores(qb, i0, buf, bb), i0, best_s, best_r)
             out_s[q0:q0 + len(qb)], out_r[q0:q0 + len(qb)] = best_s.numpy(), best_r.numpy()
         return out_s, out_r
 
     def all_scores(self, q: np.ndarray) -> np.ndarray:
         """Scores of ``q`` against every item ``(Q, N)``, block by block with one kernel."""
-        qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        qt, bias = self._queries(q)
         n = self.items.shape[0]
-        return np.concatenate([self.block_scores(qt, i0).numpy() for i0 in range(0, n, self.item_block)], axis=1)
+        return np.concatenate([self.block_scores(qt, i0, bias=bias).numpy() for i0 in range(0, n, self.item_block)],
+                              axis=1)
 
 
 _GROUP = 64  # items per group in the threshold pre-filter of _select

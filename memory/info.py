@@ -133,6 +133,7 @@ def measure_loaded_shard() -> None:
         _trim()
         before = resident_bytes()
         index = backend(entry.backend).load(local, entry.params)
+        _trim()  # what loading freed again (file buffers) is not the shard's
         grown = resident_bytes() - before
     print(json.dumps({"index": grown, "items": items_ram(ids, labels, weights), "rows": len(index)}), flush=True)
     # Skip the interpreter's teardown: Arrow's I/O threads can abort it there ("terminate called without an

@@ -6,16 +6,22 @@ for later rebuilds (``add``, ``compact``) and, for the exact backend, the index 
 - ``float32`` and ``float16``: the vectors as they are, or rounded to half precision;
 - ``int8``: per-vector scaled integers, ``x ~ codes * scale`` with ``scale = max|x| / 127``;
 - ``codes``: per-vector scaled 4-bit integers (``scale = max|x| / 7``, codes -7..7 stored as 0..15,
-  two per byte): the rebuild copy of a ScaNN memory whose search uses its anisotropic-hashing codes.
+  two per byte): the rebuild copy of a ScaNN memory whose search uses its anisotropic-hashing codes;
+- ``pca``: PCA transform codes (:mod:`memory.transform_codes`), a bitstream per item plus the shard's
+  codebook, an eighth of float32's bytes in all; the exact backend scores them without decoding.
 
 Rounding per vector is stable under a rebuild: decoding, re-normalising and encoding again gives
 the same codes, because the largest component maps to the largest code whatever the vector's norm.
+``pca`` is fitted again at each rebuild (``add``, ``compact``): its error does not compound much,
+because a reconstruction lies on the levels the next fit places (tests/test_memory_storage_modes.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
-MODES = ("float32", "float16", "int8", "codes")
+from memory import transform_codes
+
+MODES = ("float32", "float16", "int8", "codes", "pca")
 # Largest code magnitude of the per-vector scaled integer formats.
 INT8_MAX = 127
 INT4_MAX = 7
@@ -27,7 +33,10 @@ def check_mode(mode: str, backend: str | None = None) -> str:
         raise ValueError(f"unknown storage mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "codes" and backend == "exact":
         raise ValueError("storage mode 'codes' keeps only ScaNN's hashing codes: use --backend scann "
-                         "(exact search needs float32, float16 or int8)")
+                         "(exact search needs float32, float16, int8 or pca)")
+    if mode == "pca" and backend == "scann":
+        raise ValueError("storage mode 'pca' is scored by the exact backend: use --backend exact "
+                         "(a ScaNN memory at about this size: --storage codes)")
     return mode
 
 
@@ -66,6 +75,9 @@ def encode(x: np.ndarray, mode: str) -> dict:
     if mode == "int8":
         codes, scale = scaled_ints(x, INT8_MAX)
         return {"vectors": codes, "scales": scale}
+    if mode == "pca":
+        book = transform_codes.fit(x)
+        return {"vectors": transform_codes.encode(x, book), "codebook": book}
     codes, scale = scaled_ints(x, INT4_MAX)
     return {"vectors": pack_nibbles(codes.astype(np.int16) + INT4_MAX + 1), "scales": scale}
 
@@ -76,6 +88,8 @@ def decode(arrays: dict, mode: str, dim: int) -> np.ndarray:
     v = arrays["vectors"]
     if mode in ("float32", "float16"):
         return np.asarray(v, dtype=np.float32)
+    if mode == "pca":
+        return transform_codes.decode(v, arrays["codebook"])
     scale = np.asarray(arrays["scales"], dtype=np.float32)[:, None]
     if mode == "int8":
         return np.asarray(v, dtype=np.float32) * scale
@@ -89,6 +103,9 @@ def max_error(x: np.ndarray, mode: str) -> np.ndarray:
     return np.linalg.norm(x - decode(encode(x, mode), mode, x.shape[1]), axis=1)
 
 
-def bytes_per_vector(dim: int, mode: str) -> int:
-    """Bytes :func:`encode` stores per row (array payload only, no file headers)."""
-    return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4, "codes": (dim + 1) // 2 + 4}[check_mode(mode)]
+def bytes_per_vector(dim: int, mode: str, items: int = 1_000_000) -> int:
+    """Bytes :func:`encode` stores per row of a shard of ``items`` rows (array payload only, no file
+    headers; ``pca``: its bitstream, without the codebook's share)."""
+    if check_mode(mode) == "pca":
+        return (transform_codes.budget_bits(items, dim) + 7) // 8
+    return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4, "codes": (dim + 1) // 2 + 4}[mode]

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from memory import quantize, schema, storage, tuning
-from memory.backends import (EMBEDDINGS_FILE, SCALES_FILE, backend, load_vectors, save_vectors, storage_mode,
-                             vector_files)
+from memory.backends import (CODEBOOK_FILE, EMBEDDINGS_FILE, SCALES_FILE, backend, load_vectors, read_codebook,
+                             save_vectors, storage_mode, vector_files)
 from memory.items import ITEMS_FILE, normalise, read_items_at
 from memory.manifest import MemoryFormatError, ShardEntry
 from memory.storage import describe_dir, join, publish_dir  # write_shard's `storage` is the mode
@@ -61,8 +61,12 @@ def write_shard(root: str, path: str, embeddings, ids, labels, *, name: str, bac
     fixed = {k: v for k, v in (backend_params or {}).items() if v is not None}
     with tempfile.TemporaryDirectory(prefix="vismem-build-") as tmp:
         pq.write_table(schema.items_table(ids, labels, weights, prov), os.path.join(tmp, ITEMS_FILE))
-        save_vectors(tmp, quantize.encode(emb, mode))
-        index = backend(backend_name).build(emb, list(ids), {**fixed, "storage": mode})
+        stored = quantize.encode(emb, mode)
+        save_vectors(tmp, stored)
+        if backend_name == "exact":  # the stored copy is the index: load it rather than encode (fit) again
+            index = backend(backend_name).load(tmp, {"storage": mode})
+        else:
+            index = backend(backend_name).build(emb, list(ids), {**fixed, "storage": mode})
         params = dict(getattr(index, "params", None) or {"storage": mode})
         if mode == "codes":
             params["dim"] = emb.shape[1]  # the packed 4-bit copy has ceil(dim / 2) bytes a row
@@ -256,10 +260,14 @@ def local_shard(root: str, entry: ShardEntry, files=None, *, verify: bool = True
 
 
 def read_vectors(root: str, entry: ShardEntry, rows) -> np.ndarray:
-    """Stored vectors of ``rows`` of a shard as float32 (int8 and codes decoded and re-normalised);
+    """Stored vectors of ``rows`` of a shard as float32 (int8, codes and pca decoded and re-normalised);
     local files are memory-mapped."""
     rows = np.asarray(rows)
     arrays = {}
+    if CODEBOOK_FILE in entry.files:  # read whole: the same for every row
+        import io
+
+        arrays["codebook"] = read_codebook(io.BytesIO(storage.read_bytes(storage.join(root, entry.path, CODEBOOK_FILE))))
     for key, name in (("vectors", EMBEDDINGS_FILE), ("scales", SCALES_FILE)):
         path = storage.join(root, entry.path, name)
         if name not in entry.files:
@@ -273,4 +281,4 @@ def read_vectors(root: str, entry: ShardEntry, rows) -> np.ndarray:
     mode = storage_mode(entry.params, arrays["vectors"])
     dim = int(entry.params["dim"]) if mode == "codes" else arrays["vectors"].shape[1]
     out = quantize.decode(arrays, mode, dim)
-    return normalise(out) if mode in ("int8", "codes") else out
+    return normalise(out) if mode in ("int8", "codes", "pca") else out

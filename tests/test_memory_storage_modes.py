@@ -14,8 +14,8 @@ from pipelines.compact import compact_memory
 
 PIPE = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 CLASSES = ["a", "b", "c", "d"]
-# (backend, mode) pairs: every mode on ScaNN, the exact backend's three.
-CASES = [("scann", m) for m in quantize.MODES] + [("exact", m) for m in ("float16", "int8")]
+# (backend, mode) pairs: every ScaNN mode, and the exact backend's quantised ones.
+CASES = [("scann", m) for m in quantize.MODES if m != "pca"] + [("exact", m) for m in ("float16", "int8", "pca")]
 # Files of a ScaNN shard's reorder data: float32 only in float32 mode, none in codes mode.
 REORDER = {"float32": "scann/dataset.npy", "float16": "scann/bfloat16_dataset.npy", "int8": "scann/int8_dataset.npy"}
 
@@ -35,6 +35,41 @@ def test_quantisers_round_trip_within_their_bounds():
         quantize.check_mode("codes", "exact")
     with pytest.raises(ValueError, match="unknown storage mode 'int4'"):
         quantize.check_mode("int4")
+    with pytest.raises(ValueError, match="'pca' is scored by the exact backend: use --backend exact"):
+        quantize.check_mode("pca", "scann")
+
+
+def test_pca_codes_fill_an_eighth_of_float32_and_score_without_decoding():
+    from memory import transform_codes as tc
+
+    rng = np.random.default_rng(4)
+    # Anisotropic, off-centre data (like image embeddings): variances fall off along the axes.
+    x = (rng.standard_normal((20_000, 48)) * np.geomspace(1.0, 0.01, 48) + 0.3).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    book = tc.fit(x)
+    codes = tc.encode(x, book)
+    share = sum(v.nbytes for v in book.values()) / len(x)
+    assert codes.shape == (len(x), tc.code_bytes(book)) and codes.dtype == np.uint8
+    assert codes.shape[1] + share <= 4 * 48 / 8  # codes and the codebook's share: an eighth of float32
+    assert codes.shape[1] >= 0.8 * 4 * 48 / 8  # ... and most of that eighth is codes
+    bits = book["bits"].astype(int)
+    assert bits.max() <= tc.MAX_BITS and bits[0] == bits.max() > bits[-1]  # the leading axes get the most bits
+    # The bitstreams read back the level each value was nearest to.
+    y = (x[:500] - book["mean"]) @ book["rotation"].astype(np.float32)
+    for j in (0, 1, len(bits) - 1):
+        lv = book["levels"][book["level_start"][j]:book["level_start"][j] + 2 ** bits[j]]
+        np.testing.assert_array_equal(tc.level_numbers(codes[:500], book)[:, j], np.abs(y[:, j, None] - lv).argmin(1))
+    # Scoring on the kept axes equals the dot product with the full reconstruction.
+    q = x[-5:]
+    qp, bias = tc.project_queries(q, book)
+    np.testing.assert_allclose(qp @ tc.components(codes, book).T + bias[:, None], q @ tc.decode(codes, book).T,
+                               atol=1e-5)
+    # More bits, less error; the 4-bit-a-dimension default beats per-vector int4 at fewer bytes.
+    err = {b: np.linalg.norm(tc.decode(tc.encode(x, bk := tc.fit(x, b)), bk) - x, axis=1).mean() for b in (96, 192)}
+    int4 = np.linalg.norm(quantize.decode(quantize.encode(x, "codes"), "codes", 48) - x, axis=1).mean()
+    assert err[192] < err[96] / 2 and np.linalg.norm(tc.decode(codes, book) - x, axis=1).mean() < int4
+    with pytest.raises(ValueError, match="non-empty"):
+        tc.fit(np.zeros((0, 4), np.float32))
 
 
 @pytest.mark.parametrize("where", ["local", "gcs"])
@@ -48,6 +83,7 @@ def test_each_mode_round_trips(tmp_path, gcs_path, where, backend, mode):
     for entry in m.shards:
         assert entry.params["storage"] == mode
         assert ("embedding_scales.npy" in entry.files) == (mode in ("int8", "codes"))
+        assert ("embedding_codebook.npz" in entry.files) == (mode == "pca")
         if backend == "scann":
             assert all(f not in entry.files for other, f in REORDER.items() if other != mode)
             assert (REORDER.get(mode) in entry.files) if mode != "codes" else True
@@ -56,7 +92,9 @@ def test_each_mode_round_trips(tmp_path, gcs_path, where, backend, mode):
         stored_ids = sorted(ids[[i for i in range(700) if _shard_of(m, ids[i]) == entry.name]])[:5]
         want = x[[int(i[2:]) for i in stored_ids]]
         got = read_vectors(root, entry, rows)
-        assert np.abs(got - want).max() <= {"float32": 1e-6, "float16": 1e-3, "int8": 0.01, "codes": 0.1}[mode]
+        # (pca: 350 items a shard get 2 bits a dimension, the floor; 1,000s of items get about 4)
+        bound = {"float32": 1e-6, "float16": 1e-3, "int8": 0.01, "codes": 0.1, "pca": 0.5}[mode]
+        assert np.abs(got - want).max() <= bound
     q = x[:30] + 0.01
     want, _ = oracle_topk(q, x, ids, 5)
     with Memory.open(root) as mem:
@@ -161,3 +199,53 @@ def test_codes_needs_scann_and_the_cli_names_the_mode(tmp_path):
     with pytest.raises(ValueError, match="target recall must be a number in \\(0, 1\\], got 1.5"):
         write_memory(str(tmp_path / "m"), x, labels, [f"i{i}" for i in range(50)], target_recall=1.5,
                      class_names=["a", "b"])
+
+
+def test_pca_exact_memory_agrees_with_a_float32_oracle_and_add_and_compact_keep_it(tmp_path):
+    """Stated bound, as for int8: scores are exact for the reconstructions, each within
+    eps = max_i ||x_i - x^_i|| of the float32 score. And the votes: rank voting (k = 50) agrees with a
+    float32 memory on at least 97% of queries here (a 64-d, 24,000-item shard gets about 3.9 bits a dimension)."""
+    x, labels = clustered(24_800, 64, 12, seed=41, noise=1.2)
+    q, x, labels = x[24_500:], x[:24_500], labels[:24_500]  # held-out queries from the same clusters
+    ids = np.array([f"p-{i:05d}" for i in range(24_500)], dtype=object)
+    names = [str(i) for i in range(12)]
+    root, ref = str(tmp_path / "pca"), str(tmp_path / "f32")
+    write_memory(root, x[:24_000], labels[:24_000], ids[:24_000], backend="exact", storage="pca", class_names=names)
+    write_memory(ref, x[:24_000], labels[:24_000], ids[:24_000], backend="exact", class_names=names)
+    entry = mf.read_manifest(root).shards[0]
+    assert entry.params["storage"] == "pca" and 0 < entry.params["recall"] <= 1
+    disk = memory_info(root, measure_ram=False)["bytes_per_item"]["disk"]["vectors"]
+    assert disk <= 4 * 64 / 8  # an eighth of float32, codebook included
+    from memory import transform_codes as tc
+
+    from memory.shard import local_shard, read_local_vectors
+
+    with local_shard(root, entry) as local:  # the reconstructions the scores are exact for (rows in id order)
+        eps = float(np.linalg.norm(read_local_vectors(local, entry) - x[:24_000], axis=1).max()) + 1e-4
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    true = qn @ x[:24_000].T
+    k = 50
+    kth = np.sort(true, axis=1)[:, -k]
+    with Memory.open(root) as mem, Memory.open(ref) as oracle:
+        nb = mem.search(q, k)
+        agree = np.mean(mem.classify(q, k, "rank").predictions == oracle.classify(q, k, "rank").predictions)
+    rows = np.vectorize(lambda i: int(i[2:]))(nb.ids)
+    got_true = np.take_along_axis(true, rows, 1)
+    assert (got_true >= kth[:, None] - 2 * eps).all() and np.abs(nb.sims - got_true).max() <= eps
+    assert agree >= 0.97
+    assert tc.budget_bits(24_000, 64) >= 3.5 * 64
+    # add, remove and compact keep the mode; the compacted shard is fitted again on the decoded vectors.
+    new = str(tmp_path / "new.parquet")
+    schema.write_embeddings(new, schema.embedding_table(ids[24_000:], x[24_000:], labels[24_000:]))
+    assert add_to_memory(root, new, pipeline_args=PIPE)["items_added"] == 500
+    assert all(e.params["storage"] == "pca" for e in mf.read_manifest(root).shards)
+    remove_items(root, ids=list(ids[:50]))
+    summary = compact_memory(root, pipeline_args=PIPE)
+    assert summary["changed"] and summary["items_dropped"] == 50
+    m = mf.read_manifest(root)
+    assert all(e.params["storage"] == "pca" and "embedding_codebook.npz" in e.files for e in m.shards)
+    assert sum(e.count for e in m.shards) == 24_450
+    with Memory.open(root) as mem:
+        nb = mem.search(x[24_000:24_100], 10)
+    assert not set(nb.ids.ravel()) & set(ids[:50])
+    assert np.mean([i in row for i, row in zip(ids[24_000:24_100], nb.ids)]) >= 0.95  # added items find themselves
