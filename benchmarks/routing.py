@@ -11,6 +11,10 @@ The unsharded searcher is measured twice: raw ScaNN (``search_batched`` on the s
 the same searcher as a one-shard memory. Everything runs in this process, side by side, and the
 searchers take turns at every setting (so a busy moment of a shared machine hits all of them).
 
+Real data: ``--fmnist-cache DIR --queries 2000`` routes the 68,000 Fashion-MNIST EfficientNet-Lite0
+embeddings (1,280-d) with 2,000 held-out test images as queries (shards under 20,000 items are ScaNN
+brute force, so leaves and reorder then change only the unsharded tree).
+
 Also printed: the routing ceiling, the share of true top-10 neighbours that lie in the P shards a
 query visits, whatever the search inside a shard does.
 
@@ -62,6 +66,10 @@ def parse_args(argv):
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per setting (best counts)")
     add_beam_args(ap)
     ap.add_argument("--work-dir", default=None, help="keep (and reuse) the memories here")
+    ap.add_argument("--fmnist-cache", default=None,
+                    help="use the real Fashion-MNIST EfficientNet-Lite0 embeddings cached here (benchmarks/storage.py "
+                         "--embed writes them) instead of synthetic data: the first --queries test images are the "
+                         "queries, every other image the memory (use --queries 2000)")
     ap.add_argument("--out", default="bench-out/routing.json")
     return ap.parse_args(argv)
 
@@ -199,7 +207,13 @@ def main(argv=None):
     args = parse_args(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="vismem-bench-routing-")
     os.makedirs(work, exist_ok=True)
-    x, labels, q = make_data(args.n, args.dim, args.clusters, args.queries, seed=0)
+    if args.fmnist_cache:  # real embeddings: their clusters are not far apart, unlike the synthetic ones
+        from storage import load_fmnist
+
+        x, labels, q, _, _ = load_fmnist(args.fmnist_cache, args.queries)
+        args.n, args.dim, args.clusters = len(x), x.shape[1], "fashion-mnist"
+    else:
+        x, labels, q = make_data(args.n, args.dim, args.clusters, args.queries, seed=0)
     ids = item_ids(len(x))
     truth_rows = true_neighbours(x, q)
     grid = [{"leaves": lv, "reorder": ro} for lv in args.leaves for ro in args.reorders]
