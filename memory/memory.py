@@ -16,7 +16,7 @@ from memory import manifest as mf
 from memory.backends import BACKENDS
 from memory.columns import ItemColumns
 from memory.fanout import ThreadFanout
-from memory.partition import hash_partition, nearest_partitions
+from memory.partition import Router, hash_partition
 from memory.items import ItemPolicy, normalise
 from memory.shard import DEFAULT_TARGET_RECALL, Shard, check_target_recall, write_shard
 from memory.topk import first_cut, merge_keys, merge_with_refetch
@@ -113,6 +113,7 @@ class Memory:
     def __init__(self, root: str, manifest: mf.Manifest, shards, executor, lease=None):
         self.root = root
         self.manifest = manifest  # the pinned version's
+        self._router, self._router_of = None, None  # memory.partition.Router of self.manifest's partitioning
         self.shards = shards
         self.executor = executor
         self.lease = lease
@@ -274,7 +275,9 @@ class Memory:
         cells = part.cell_partitions
         if probe_shards >= (max(cells) + 1 if cells else len(part.centroids)):
             return None
-        return nearest_partitions(q, part.centroids, probe_shards, cells)
+        if self._router_of is not part:  # one router per partitioning (manifests are replaced, not edited)
+            self._router, self._router_of = Router(part.centroids, cells), part
+        return self._router(q, probe_shards)
 
     def _search_routed(self, q, k, route, knobs):
         """Each shard searches only the queries routed to its partition; one merge at the end.

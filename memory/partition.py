@@ -141,16 +141,40 @@ def nearest_partitions(queries, centroids, probe: int, cell_partitions=None) -> 
     """``(Q, probe)`` partitions nearest each query, nearest first (the routing of a search).
 
     A partition's similarity to a query is that of its most similar cell; ties go to the lower
-    partition. ``probe`` is capped at the number of partitions.
+    partition. ``probe`` is capped at the number of partitions. A memory keeps one :class:`Router`
+    instead of calling this per search.
     """
-    c = np.asarray(centroids, np.float32)
-    sims = np.asarray(queries, np.float32) @ c.T
-    if cell_partitions is not None:
-        part = np.asarray(cell_partitions, np.int64)
-        order = np.argsort(part, kind="stable")  # cells grouped by partition, then one max per group
-        present, starts = np.unique(part[order], return_index=True)
-        best = np.full((len(sims), int(part.max()) + 1), -np.inf, np.float32)
-        best[:, present] = np.maximum.reduceat(sims[:, order], starts, axis=1)
-        sims = best
-    probe = int(min(max(probe, 1), sims.shape[1]))
-    return np.argsort(-sims, axis=1, kind="stable")[:, :probe]
+    return Router(centroids, cell_partitions)(queries, probe)
+
+
+class Router:
+    """:func:`nearest_partitions` with the centroids prepared once: as float32, grouped by partition,
+    so a search is one matrix product, one max per partition and a selection. Per search this was
+    half of a routed query's time at 2,048 cells and 128 shards (converting the manifest's lists
+    and regrouping the scores every time)."""
+
+    def __init__(self, centroids, cell_partitions=None):
+        c = np.asarray(centroids, np.float32)
+        self.starts = None
+        self.num_partitions = len(c)
+        if cell_partitions is not None:
+            part = np.asarray(cell_partitions, np.int64)
+            order = np.argsort(part, kind="stable")  # cells grouped by partition, then one max per group
+            c = c[order]
+            self.present, self.starts = np.unique(part[order], return_index=True)
+            self.num_partitions = int(part.max()) + 1
+        self.centroids_t = np.ascontiguousarray(c.T)
+
+    def __call__(self, queries, probe: int) -> np.ndarray:
+        sims = np.asarray(queries, np.float32) @ self.centroids_t
+        if self.starts is not None:
+            grouped = np.maximum.reduceat(sims, self.starts, axis=1)
+            if len(self.present) == self.num_partitions:
+                sims = grouped
+            else:  # a partition without cells is never nearest
+                sims = np.full((len(grouped), self.num_partitions), -np.inf, np.float32)
+                sims[:, self.present] = grouped
+        probe = int(min(max(probe, 1), sims.shape[1]))
+        if probe == 1:
+            return sims.argmax(axis=1)[:, None]  # the first of equal maxima: the lower partition, as below
+        return np.argsort(-sims, axis=1, kind="stable")[:, :probe]
