@@ -12,6 +12,10 @@ from cli.common import VerbParser, print_json
 from memory.manifest import ConcurrentUpdate
 from memory.ray_shards import ShardLost
 
+# A local Ray head on a busy machine can take longer than Ray's default 30 s to write its GCS port
+# (seen here: two test runs on 2 cores); wait up to 2 minutes unless the user chose otherwise.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
 VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, build.add_compact,
          manage.add_versions, manage.add_gc, manage.add_query, manage.add_info, evaluate.add_eval,

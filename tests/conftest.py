@@ -11,6 +11,10 @@ import uuid
 import numpy as np
 import pytest
 
+# Ray's local head waits 30 s for its GCS port by default; on a loaded 2-core machine that once
+# expired in a fresh clone's run (two setup errors). The CLI waits 120 s (cli/main.py); so do tests.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 # Arrow's I/O threads can abort the interpreter while it tears down (apache/arrow#34314: "terminate
 # called without an active exception", status 134), which once turned a green run into make's rc 2.
 # Once pytest has decided its status and the exit handlers registered after this one have run (Ray's,
