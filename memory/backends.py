@@ -149,13 +149,15 @@ class ExactIndex:
     @classmethod
     def build(cls, embeddings, docids=None, params=None):
         """From float32 rows, stored as ``params["storage"]`` (default float32) would store them."""
-        mode = storage_mode(params)
-        arrays = quantize.encode(embeddings, mode)
-        return cls(arrays["vectors"], dtype=mode, scales=arrays.get("scales"), codebook=arrays.get("codebook"))
+        return cls.from_stored(quantize.encode(embeddings, storage_mode(params)), params)
 
     @classmethod
     def load(cls, directory, params):
-        arrays = load_vectors(directory)
+        return cls.from_stored(load_vectors(directory), params)
+
+    @classmethod
+    def from_stored(cls, arrays, params):
+        """From the stored copy's arrays (:func:`memory.quantize.encode`'s, or :func:`load_vectors`'s)."""
         return cls(arrays["vectors"], dtype=storage_mode(params, arrays["vectors"]), scales=arrays.get("scales"),
                    codebook=arrays.get("codebook"))
 

@@ -103,9 +103,9 @@ def max_error(x: np.ndarray, mode: str) -> np.ndarray:
     return np.linalg.norm(x - decode(encode(x, mode), mode, x.shape[1]), axis=1)
 
 
-def bytes_per_vector(dim: int, mode: str, items: int = 1_000_000) -> int:
-    """Bytes :func:`encode` stores per row of a shard of ``items`` rows (array payload only, no file
-    headers; ``pca``: its bitstream, without the codebook's share)."""
+def bytes_per_vector(dim: int, mode: str) -> int:
+    """Bytes :func:`encode` stores per row (array payload only, no file headers). Not for ``pca``, whose
+    bytes depend on the shard's codebook: ``vismem info`` measures them."""
     if check_mode(mode) == "pca":
-        return (transform_codes.budget_bits(items, dim) + 7) // 8
+        raise ValueError("pca's bytes per row depend on the shard it is fitted to: measure them (vismem info)")
     return {"float32": 4 * dim, "float16": 2 * dim, "int8": dim + 4, "codes": (dim + 1) // 2 + 4}[mode]

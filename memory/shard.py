@@ -8,6 +8,7 @@ backend's own files. Its manifest entry carries every file's checksum.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -63,8 +64,8 @@ def write_shard(root: str, path: str, embeddings, ids, labels, *, name: str, bac
         pq.write_table(schema.items_table(ids, labels, weights, prov), os.path.join(tmp, ITEMS_FILE))
         stored = quantize.encode(emb, mode)
         save_vectors(tmp, stored)
-        if backend_name == "exact":  # the stored copy is the index: load it rather than encode (fit) again
-            index = backend(backend_name).load(tmp, {"storage": mode})
+        if backend_name == "exact":  # the stored copy is the index: no second encoding (pca would fit again)
+            index = backend(backend_name).from_stored(stored, {"storage": mode})
         else:
             index = backend(backend_name).build(emb, list(ids), {**fixed, "storage": mode})
         params = dict(getattr(index, "params", None) or {"storage": mode})
@@ -265,16 +266,12 @@ def read_vectors(root: str, entry: ShardEntry, rows) -> np.ndarray:
     rows = np.asarray(rows)
     arrays = {}
     if CODEBOOK_FILE in entry.files:  # read whole: the same for every row
-        import io
-
         arrays["codebook"] = read_codebook(io.BytesIO(storage.read_bytes(storage.join(root, entry.path, CODEBOOK_FILE))))
     for key, name in (("vectors", EMBEDDINGS_FILE), ("scales", SCALES_FILE)):
         path = storage.join(root, entry.path, name)
         if name not in entry.files:
             continue
         if storage.is_remote(path):
-            import io
-
             arrays[key] = np.load(io.BytesIO(storage.read_bytes(path)))[rows]
         else:
             arrays[key] = np.load(storage.filesystem(path)[1], mmap_mode="r")[rows]

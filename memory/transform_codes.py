@@ -67,8 +67,8 @@ def fit(x: np.ndarray, bits_given: int | None = None, sample: int = FIT_SAMPLE, 
     impact = var * (var + (mean @ axes) ** 2)  # squared error's cost on a dot product, per unit of error
     bits = allocate_bits(impact, budget)
     # Trim the bits until codes and this codebook's share fit in an eighth of float32, unless the shard
-    # is so small that its codebook alone takes half of that: then quality wins, 4 bits a dimension.
-    if bits_given is None and book_bytes(bits, d) / n <= d / 4:
+    # is so small that its codebook alone takes half of that (budget_bits gave it 4 bits a dimension).
+    if bits_given is None and budget < 4 * d:
         for _ in range(8):
             over = (budget + 7) // 8 + book_bytes(bits, d) / n - (d / 2 - SLACK_BYTES)
             if over <= 0 or budget <= MIN_BITS_PER_DIM * d:
