@@ -12,7 +12,7 @@ the same searcher as a one-shard memory. Everything runs in this process, side b
 searchers take turns at every setting (so a busy moment of a shared machine hits all of them).
 
 Real data: ``--fmnist-cache DIR --queries 2000`` routes the 68,000 Fashion-MNIST EfficientNet-Lite0
-embeddings (1,280-d) with 2,000 held-out test images as queries (shards under 20,000 items are ScaNN
+embeddings (1,280-d) with 2,000 held-out test images as queries (shards under 5,000 items are ScaNN
 brute force, so leaves and reorder then change only the unsharded tree).
 
 Also printed: the routing ceiling, the share of true top-10 neighbours that lie in the P shards a

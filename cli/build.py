@@ -112,7 +112,7 @@ def add_build(sub) -> None:
 def _add_scann_overrides(b) -> None:
     g = b.add_argument_group("ScaNN overrides (default: chosen from each shard's size)")
     g.add_argument("--scann-brute-force", choices=("auto", "yes", "no"), default="auto",
-                   help="auto: brute force below 20k items per shard")
+                   help="auto: brute force below 5,000 items per shard")
     g.add_argument("--scann-num-leaves", type=count, help="tree leaves (default about sqrt(n))")
     g.add_argument("--scann-leaves-to-search", type=count, help="leaves searched per query (default 5%% of leaves)")
     g.add_argument("--scann-reorder", type=count, help="candidates re-scored exactly (default 100)")

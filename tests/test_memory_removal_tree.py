@@ -1,6 +1,6 @@
 """Removal on ScaNN trees: k live neighbours, recall of a clean tree, bounded memory, every host.
 
-Sizes are what the real paths need: 60,000 items in one shard (a tree: shards under 20,000 items
+Sizes are what the real paths need: 60,000 items in one shard (a tree: shards under 5,000 items
 use ScaNN's brute force, where over-fetching already worked), 20 classes of about 3,000 items, so
 removing one class empties about 12 of the tree's 245 leaves: the leaves a query next to that class
 searches by default. Before the fix every such query came back padded or with recall@50 near 0.2.
