@@ -16,8 +16,19 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-CLUSTERS = 1000  # the search benchmark's data: 1,000 Gaussian clusters, one class each
+CLUSTERS = 1000  # class count: the search benchmark's 1,000 Gaussian clusters, one class each
 NOISE = 0.5
+# A ladder memory grows at constant density: one Gaussian cluster per 1,000 items (the search
+# benchmark's 1M items in 1,000 clusters), so every size sees neighbourhoods alike. With the
+# clusters fixed, each grows with n and a query's neighbours crowd into fewer cells and leaves:
+# routed queries got cheaper as the memory grew (1,870 -> 6,495 q/s from 250k to 2.5M items), and
+# no fit to size could extrapolate that.
+ITEMS_PER_CLUSTER = 1000
+
+
+def clusters_for(n: int) -> int:
+    """Clusters of an ``n``-item ladder memory: at least ``CLUSTERS``, one per ``ITEMS_PER_CLUSTER`` items."""
+    return max(CLUSTERS, -(-int(n) // ITEMS_PER_CLUSTER))
 
 
 class RssWatch:
@@ -89,8 +100,9 @@ class RssWatch:
         return sum(self.cpu_last[p] - self.cpu_first[p] for p in self.cpu_last)
 
 
-def cluster_centres(dim: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((CLUSTERS, dim)).astype(np.float32)
+def cluster_centres(dim: int, seed: int, clusters: int = CLUSTERS) -> np.ndarray:
+    """The first ``clusters`` centres of one seeded stream: a larger memory keeps a smaller one's centres."""
+    return np.random.default_rng(seed).standard_normal((clusters, dim)).astype(np.float32)
 
 
 def draw_items(rng, centres, m):
@@ -104,12 +116,13 @@ def item_id(i: int) -> str:
 
 
 def write_synthetic(folder: str, n: int, dim: int, *, rows_per_file: int = 250_000, seed: int = 0) -> list[str]:
-    """``n`` clustered unit vectors in embedding shards of ``rows_per_file`` rows, one file at a time
-    (never all rows in memory); the same ``seed`` gives the same rows. Returns the file paths."""
+    """``n`` clustered unit vectors (:func:`clusters_for` clusters, labels cluster mod ``CLUSTERS``) in
+    embedding shards of ``rows_per_file`` rows, one file at a time (never all rows in memory); the same
+    ``seed`` gives the same rows. Returns the file paths."""
     from memory import schema
 
     os.makedirs(folder, exist_ok=True)
-    centres = cluster_centres(dim, seed)
+    centres = cluster_centres(dim, seed, clusters_for(n))
     files = []
     for f, start in enumerate(range(0, n, rows_per_file)):
         m = min(rows_per_file, n - start)
@@ -121,9 +134,9 @@ def write_synthetic(folder: str, n: int, dim: int, *, rows_per_file: int = 250_0
     return files
 
 
-def synthetic_queries(count: int, dim: int, *, seed: int = 0) -> np.ndarray:
-    """Queries from the items' distribution (another stream of the same clusters)."""
-    return draw_items(np.random.default_rng([seed, 1 << 30]), cluster_centres(dim, seed), count)[0]
+def synthetic_queries(count: int, dim: int, *, seed: int = 0, n: int = CLUSTERS) -> np.ndarray:
+    """Queries from the distribution of an ``n``-item memory's items (another stream of its clusters)."""
+    return draw_items(np.random.default_rng([seed, 1 << 30]), cluster_centres(dim, seed, clusters_for(n)), count)[0]
 
 
 def class_names() -> list[str]:
@@ -366,7 +379,7 @@ def measure_point(work: str, n: int, *, dim: int, shard_items: int, workers: int
     point["bytes_by_kind"] = bytes_by_kind(out)
     log(f"n={n:,}: built in {point['build_wall_s']:.0f} s ({point['build_cpu_s']:.0f} CPU s), driver "
         f"{point['driver_rss'] / 2**20:.0f} MiB, worker {point['worker_rss'] / 2**20:.0f} MiB")
-    q = synthetic_queries(queries, dim)
+    q = synthetic_queries(queries, dim, n=n)
     t = time.perf_counter()
     truth = exact_top(files, q)
     point["truth_s"] = time.perf_counter() - t

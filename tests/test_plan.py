@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from cli.main import main
@@ -149,7 +150,7 @@ def test_fit_picks_the_model_that_fits():
 
 
 def test_calibrate_writes_a_file_plan_reads(tmp_path, capsys):
-    """A tiny real ladder (Beam builds, ScaNN, searches): brute-force-sized shards, so it stays quick."""
+    """A tiny real ladder (Beam builds, ScaNN, searches): 3k- and 6k-item shards, so it stays quick."""
     out = str(tmp_path / "mine.json")
     assert main(["plan", "--calibrate", "--calibration", out, "--sizes", "3k,6k", "--shard-items", "6k",
                  "--dim", "16", "--mode-items", "3k", "--modes", "float32,int8", "--queries", "100",
@@ -168,3 +169,18 @@ def test_calibrate_writes_a_file_plan_reads(tmp_path, capsys):
     assert main(["plan", "--items", "1e6", "--dim", "16", "--storage", "codes", "--machine", "cores=2,ram=8GB",
                  "--calibration", out]) == 2
     assert "no rates for storage mode 'codes' (it has: float32, int8)" in capsys.readouterr().err
+
+
+def test_ladder_memories_grow_at_constant_density():
+    """One cluster per 1,000 items at every size (never fewer than the 1,000 classes), and a larger
+    ladder memory keeps the smaller one's centres: sizes differ in extent, not in how crowded a
+    query's neighbourhood is."""
+    from deploy.ladder import CLUSTERS, cluster_centres, clusters_for, synthetic_queries
+
+    assert [clusters_for(n) for n in (3_000, 250_000, 1_000_000, 2_500_000, 10_000_000)] == [
+        CLUSTERS, CLUSTERS, 1_000, 2_500, 10_000]
+    small, large = cluster_centres(16, 0, 1_000), cluster_centres(16, 0, 2_500)
+    np.testing.assert_array_equal(large[:1_000], small)
+    q = synthetic_queries(4_000, 16, n=2_500_000)
+    nearest = (q @ (large / np.linalg.norm(large, axis=1, keepdims=True)).T).argmax(1)
+    assert (nearest >= 1_000).mean() > 0.5  # queries come from the larger memory's clusters too
