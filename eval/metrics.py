@@ -26,11 +26,11 @@ def _check(labels, truth):
 
 
 def accuracy_all_k(labels, sims, truth, *, num_classes, methods=voting.METHODS, weights=None,
-                   alpha=2.0, tau=0.07, xi=1.0) -> dict:
-    """``{method: accuracy (K,)}``: top-1 accuracy at every k for each voting rule."""
+                   alpha=2.0, tau=0.07, xi=1.0, ties="nearest") -> dict:
+    """``{method: accuracy (K,)}``: top-1 accuracy at every k for each voting rule (tie rule ``ties``)."""
     labels, truth = _check(labels, truth)
     preds = voting.predict_all_k_methods(labels, sims, methods=tuple(methods), num_classes=num_classes,
-                                         weights=weights, alpha=alpha, tau=tau, xi=xi)
+                                         weights=weights, alpha=alpha, tau=tau, xi=xi, ties=ties)
     return {method: (p == truth[:, None]).mean(axis=0) for method, p in preds.items()}
 
 
@@ -56,7 +56,7 @@ def fit_log(values) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def calibration(labels, truth, *, num_classes, k: int = 100) -> dict:
+def calibration(labels, truth, *, num_classes, k: int = 100, ties="nearest") -> dict:
     """Accuracy of the plurality prediction binned by agreement among the first ``k`` neighbours.
 
     Returns ``{"count": {c: (accuracy, n_queries)}, "certainty": (bin_edges, accuracy, n)}`` where
@@ -69,7 +69,7 @@ def calibration(labels, truth, *, num_classes, k: int = 100) -> dict:
     counts = np.zeros((len(lab), num_classes), dtype=np.int64)
     valid = lab >= 0
     np.add.at(counts, (np.repeat(np.arange(len(lab)), k)[valid.ravel()], lab[valid]), 1)
-    pred = voting.predict(lab, np.zeros(lab.shape), method="plurality", num_classes=num_classes)
+    pred = voting.predict(lab, np.zeros(lab.shape), method="plurality", num_classes=num_classes, ties=ties)
     correct = pred == truth
     top = counts.max(axis=1)
     by_count = {int(c): (float(correct[top == c].mean()), int((top == c).sum())) for c in np.unique(top)}

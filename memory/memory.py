@@ -317,12 +317,14 @@ class Memory:
 
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
-                 probe_shards: int | None = None) -> Classification:
-        """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``)."""
+                 probe_shards: int | None = None, ties: str = "nearest") -> Classification:
+        """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``); ``ties``
+        settles a tied top score (``nearest`` or ``leader``, ``memory.voting.TIES``)."""
         if method not in voting.METHODS:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
+        voting.check_ties(ties)
         nb = self.search(queries, k, probe_shards=probe_shards)
         kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
-                  alpha=alpha, tau=tau, xi=xi)
+                  alpha=alpha, tau=tau, xi=xi, ties=ties)
         scores, preds = voting.vote_and_predict(nb.labels, nb.sims, **kw)
         return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names)

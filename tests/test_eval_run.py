@@ -91,3 +91,38 @@ def test_routed_eval_on_a_kmeans_memory(tmp_path):
     with pytest.raises(ValueError, match="probe_shards needs a k-means partitioned memory"):
         write_memory(str(tmp_path / "h"), x[:100], labels[:100] % 4, ids[:100], class_names=list("abcd"))
         evaluate(str(tmp_path / "h"), queries, str(tmp_path / "h-out"), k_max=5, probe_shards=1)
+
+
+def test_eval_with_the_released_codes_tie_rule(tmp_path):
+    import pytest
+
+    from eval.evaluate import honest_choice
+    from memory import Memory
+
+    x, labels = clustered(900, 16, 4, seed=33, noise=1.2)  # overlapping clusters: many tied votes
+    write_memory(str(tmp_path / "m"), x[:600], labels[:600], [f"m{i}" for i in range(600)], num_shards=2,
+                 class_names=list("abcd"))
+    qpath = str(tmp_path / "q.parquet")
+    schema.write_embeddings(qpath, schema.embedding_table([f"q{i}" for i in range(300)], x[600:], labels[600:]))
+    with pytest.raises(ValueError, match="unknown tie rule 'foo'"):
+        evaluate(str(tmp_path / "m"), qpath, str(tmp_path / "bad"), k_max=12, ties="foo")
+    assert not os.path.exists(tmp_path / "bad")
+    out = str(tmp_path / "eval")
+    summary = evaluate(str(tmp_path / "m"), qpath, out, k_max=12, ties="leader")
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    by_k = {(r["method"], r["k"]): r["accuracy"] for r in records if r["figure"] == "accuracy_by_k"}
+    with Memory.open(str(tmp_path / "m")) as mem:
+        nb = mem.search(x[600:], 12)
+    differ = 0
+    for method in voting.METHODS:
+        for k in range(1, 13):
+            leader = voting.predict(nb.labels, nb.sims, method=method, num_classes=4, k=k, ties="leader")
+            nearest = voting.predict(nb.labels, nb.sims, method=method, num_classes=4, k=k)
+            assert by_k[(method, k)] == (leader == labels[600:]).mean(), (method, k)
+            differ += int((leader != nearest).sum())
+    assert differ > 0  # the figures above really depend on the tie rule
+    want = honest_choice(nb.labels, nb.sims, labels[600:], 4, seed=0, weights=nb.weights, ties="leader")
+    honest = {r["method"]: r for r in records if r["figure"] == "held_out_choice"}
+    assert all(honest[m]["test_accuracy"] == want[m]["test_accuracy"] for m in voting.METHODS)
+    assert summary["ties"] == "leader" and {"figure": "voting", "ties": "leader"} in records
+    assert "`--ties leader`" in open(summary["report"]).read()
