@@ -61,3 +61,58 @@ def test_the_tie_rule_reaches_classify(memory):
         assert memory.classify(q, 4, "rank", ties=ties).predictions.tolist() == [0, 2]
     with pytest.raises(ValueError, match="unknown tie rule 'foo'; choose one of nearest, leader"):
         memory.classify(q, 4, "plurality", ties="foo")
+
+
+def test_confidence_is_the_voted_class_share_worked_by_hand(memory):
+    q = np.stack([Q1, Q2])
+    e = math.exp
+    # Q1's first four: ant 0.9, bee 0.8, bee 0.7, ant 0.6. Q2's: four cats (all the vote).
+    cases = {
+        "plurality": 2 / 4,
+        "rank": (1 / 2 + 1 / 5) / (1 / 2 + 1 / 5 + 1 / 3 + 1 / 4),  # 0.7 / (0.7 + 7/12) = 6/11
+        "distance": (e(-0.1) + e(-0.4)) / (e(-0.1) + e(-0.4) + e(-0.2) + e(-0.3)),
+        "softmax": (e(0.9 / 0.07) + e(0.6 / 0.07)) / sum(e(s / 0.07) for s in (0.9, 0.8, 0.7, 0.6)),
+    }
+    for method, want in cases.items():
+        res = memory.classify(q, 4, method)
+        # float32 similarities: within 1e-5 of the hand values (plurality and rank exactly)
+        np.testing.assert_allclose(res.confidence, [want, 1.0], rtol=1e-5, err_msg=method)
+        assert res.reasons.tolist() == [None, None] and not res.abstained.any()
+    assert memory.classify(q, 4, "rank").confidence[0] == pytest.approx(6 / 11, rel=1e-12)
+    # Under the leader rule the tied plurality vote goes to bee. With a fifth neighbour, Q1's is e (cat,
+    # 0.1): bee's share falls to 2 of 5; Q2's is a (ant; a to d are orthogonal to Q2, a first by id): 4 of 5.
+    res = memory.classify(q, 5, "plurality", ties="leader")
+    assert res.predictions.tolist() == [1, 2] and res.confidence.tolist() == [2 / 5, 4 / 5]
+
+
+def test_abstain_below_turns_unsure_predictions_into_minus_one(memory):
+    q = np.stack([Q1, Q2])
+    res = memory.classify(q, 4, "rank", abstain_below=0.6)  # Q1 6/11 = 0.545 < 0.6; Q2 1.0
+    assert res.predictions.tolist() == [-1, 2] and res.predicted_names == [None, "cat"]
+    assert res.reasons.tolist() == ["abstained", None] and res.abstained.tolist() == [True, False]
+    assert res.confidence[0] == pytest.approx(6 / 11)  # the share it abstained with is kept
+    np.testing.assert_allclose(res.scores[0], [0.7, 7 / 12, 0])
+    # Below, not at: a confidence equal to the threshold answers (plurality 2/4 at 0.5).
+    assert memory.classify(q, 4, "plurality", abstain_below=0.5).predictions.tolist() == [0, 2]
+    assert memory.classify(q, 4, "plurality", abstain_below=0.50001).predictions.tolist() == [-1, 2]
+    assert memory.classify(q, 4, "rank", abstain_below=1.0).predictions.tolist() == [-1, 2]
+    assert memory.classify(q, 4, "rank", abstain_below=0.0).predictions.tolist() == [0, 2]
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match=r"abstain_below must be a number in \[0, 1\]"):
+            memory.classify(q, 4, "rank", abstain_below=bad)
+
+
+def test_confidence_and_abstention_cores_by_hand():
+    from memory import confidence
+
+    scores = np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 0.0], [0.5, 0.0, 0.0]])
+    voted = np.array([1, -1, 0, 0])
+    conf = confidence.confidence(scores, voted)
+    assert conf.tolist() == [0.75, 0.0, 0.5, 1.0]
+    preds, reasons = confidence.abstain(voted, conf, 0.6)
+    assert preds.tolist() == [1, -1, -1, 0]
+    assert reasons.tolist() == [None, "no votes", "abstained", None]  # nothing voted: not an abstention
+    preds, reasons = confidence.abstain(voted, conf, None)
+    assert preds.tolist() == voted.tolist() and reasons.tolist() == [None, "no votes", None, None]
+    with pytest.raises(ValueError, match=r"scores must be \(Q, C\)"):
+        confidence.confidence(scores, voted[:2])
