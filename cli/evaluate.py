@@ -42,9 +42,10 @@ def add_eval(sub) -> None:
         description="One retrieval pass at --k-max through the fan-out layer, then every figure from the "
         "same neighbour lists: top-1 accuracy of every voting rule at every k (best k on the evaluation "
         "set, and the honest figure with k and alpha/tau/xi chosen on a held-out half of the queries), "
-        "hit rate, neighbour reliability with its log fit, calibration, distances to the first 100 "
-        "neighbours (in- vs out-of-distribution with --ood) and hyper-parameter sweeps. Writes "
-        "metrics.jsonl, PNG plots and report.md under --out.",
+        "hit rate, neighbour reliability with its log fit, calibration, each rule's confidence at its best k "
+        "(reliability diagram with its expected calibration error, risk-coverage with the accuracy at 90% "
+        "coverage), distances to the first 100 neighbours (in- vs out-of-distribution with --ood) and "
+        "hyper-parameter sweeps. Writes metrics.jsonl, PNG plots and report.md under --out.",
         epilog="example: vismem eval /data/fmnist-memory test.parquet --out eval-out --k-max 100",
     )
     p.add_argument("memory", help="memory directory or gs:// URL")

@@ -4,8 +4,10 @@ Figures (DESIGN.md): top-1 accuracy of every voting rule at every k, reported tw
 on the evaluation set itself (as the paper reports) and the honest figure, where k and the rule's
 hyper-parameter (alpha, tau, xi) are chosen on a held-out half of the queries and applied to the
 other half; hit rate at k; neighbour reliability with its ``a * ln(i) + b`` fit; calibration;
-distances to the first 100 neighbours (in- versus out-of-distribution when OOD queries are given);
-and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables, PNG plots.
+each rule's confidence at its best k: reliability diagram, ECE and risk-coverage
+(``eval.calibration``); distances to the first 100 neighbours (in- versus out-of-distribution when
+OOD queries are given); and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with
+tables, PNG plots.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 
 import numpy as np
 
-from eval import images, metrics, plots
+from eval import calibration, images, metrics, plots
 from memory import manifest as mf
 from memory import output_paths, voting
 from memory.memory import Memory
@@ -127,21 +129,24 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
             reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max), ties)
     scores = score(got, truth, k_max, ties)
     best, honest = choose(got, scores.acc, truth, seed, ties)
+    confident = calibration.confidence_figures(got.labels, got.sims, truth, num_classes=got.num_classes, best=best,
+                                               weights=got.weights, ties=ties, **DEFAULTS)
     os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
-    _write_metrics(out_dir, _records(scores, best, honest, timing, reranked, ties))
+    _write_metrics(out_dir, _records(scores, best, honest, timing, reranked, ties) + calibration.records(confident))
     figures = plots.write_eval_plots(out_dir, acc=scores.acc, hit=scores.hit, rel=scores.rel,
                                      rel_fit=scores.rel_fit, cal=scores.cal, dist_in=scores.dist_in,
                                      dist_ood=scores.dist_ood, sweeps=scores.sweeps)
+    figures += plots.write_confidence_plots(out_dir, confident)
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as f:
         f.write(_report(memory_path, got.version, queries_path, timing, best, honest, scores, figures, reranked,
-                        ties))
+                        ties, calibration.report_lines(confident)))
     return {"report": report, "best_k_on_eval_set": best,
             "held_out_choice": {m: {"k": v["k"], v["param"] or "param": v["value"],
                                     "test_accuracy": v["test_accuracy"]} for m, v in honest.items()},
-            "ties": ties, "timing": timing}
+            "confidence": calibration.summary(confident), "ties": ties, "timing": timing}
 
 
 @dataclasses.dataclass
@@ -253,6 +258,8 @@ def _records(s: Scores, best, honest, timing, reranked, ties) -> list:
     records.append({"figure": "neighbour_reliability_fit", "a": s.rel_fit[0], "b": s.rel_fit[1]})
     records += [{"figure": "calibration_count", "count": c, "accuracy": a, "n": n}
                 for c, (a, n) in s.cal["count"].items()]
+    records += [{"figure": "calibration_count_binned", "count_from": lo, "count_to": hi, "accuracy": a, "n": n}
+                for lo, hi, a, n in s.cal["count_bins"]]
     records += [{"figure": "distance_by_neighbour", "index": i + 1, "in_distribution": float(d),
                  "out_of_distribution": None if s.dist_ood is None else float(s.dist_ood[i])}
                 for i, d in enumerate(s.dist_in)]
@@ -286,7 +293,8 @@ def _rerank(mem, memory_path, reranker, q, truth, uris, k, ties="nearest") -> di
     return {**out, "k": k, "fallback": "rank"}
 
 
-def _report(memory_path, version, queries_path, timing, best, honest, s: Scores, figures, reranked, ties) -> str:
+def _report(memory_path, version, queries_path, timing, best, honest, s: Scores, figures, reranked, ties,
+            confidence_section: list) -> str:
     """``report.md``: the tables of the figures, and the plots."""
     hit, rel_fit, cal = s.hit, s.rel_fit, s.cal
     lines = [
@@ -320,8 +328,11 @@ def _report(memory_path, version, queries_path, timing, best, honest, s: Scores,
               "| --- |" + " --- |" * len(ks), "| hit rate | " + " | ".join(f"{hit[k - 1]:.4f}" for k in ks) + " |",
               "", "## Neighbour reliability (Figure 1)", "",
               f"Accuracy of the i-th neighbour alone fits `acc = {rel_fit[0]:.4f} * ln(i) + {rel_fit[1]:.4f}`.",
-              "", "## Calibration (Appendix I)", "", "| plurality count among neighbours | accuracy | queries |",
-              "| --- | --- | --- |"]
-    lines += [f"| {c} | {a:.4f} | {n} |" for c, (a, n) in sorted(cal["count"].items())]
-    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures] + [""]
+              "", "## Calibration (Appendix I)", "",
+              f"Accuracy of plurality voting against how many of the first {min(100, len(hit))} neighbours carry "
+              "its class (counts in at most 10 ranges; each count in `metrics.jsonl`):", "",
+              "| plurality count among neighbours | accuracy | queries |", "| --- | --- | --- |"]
+    lines += [f"| {lo if lo == hi else f'{lo}-{hi}'} | {a:.4f} | {n} |" for lo, hi, a, n in cal["count_bins"]]
+    lines += [""] + confidence_section
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in figures] + [""]
     return "\n".join(lines)
