@@ -8,10 +8,14 @@ import json
 import math
 import sys
 
-from memory import output_paths, storage
+from memory import output_paths, storage, voting
 
 # The one meaning of --class-names, in every verb's help.
 CLASS_NAMES_HELP = "a,b,c, or a file: one name per line, or JSON (a list, or an embed run's summary.json)"
+# The one meaning of --ties, in every verb that votes (memory.voting).
+TIES_HELP = ("how a tied top score is settled: nearest (default: the tied class whose best-ranked neighbour is "
+             "nearest wins) or leader (the paper's released code: the tied class that reached the top score first "
+             "keeps it)")
 # A value without a comma that looks like one of these is a file the user meant, never a class name.
 _PATH_SUFFIXES = (".txt", ".json", ".csv")
 
@@ -124,6 +128,11 @@ def _number(text: str, kind, what: str):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def add_ties(parser) -> None:
+    """Add ``--ties`` (``memory.voting.TIES``) to a verb that votes."""
+    parser.add_argument("--ties", choices=voting.TIES, default="nearest", help=TIES_HELP)
 
 
 def output_file(path: str, option: str) -> str:

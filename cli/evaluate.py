@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from cli.common import (CLASS_NAMES_HELP, class_names, comma_names, count, fraction, int_list, non_negative_int,
-                        output_folder)
+from cli.common import (CLASS_NAMES_HELP, add_ties, class_names, comma_names, count, fraction, int_list,
+                        non_negative_int, output_folder)
 
 EXPERIMENT_EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
@@ -33,7 +33,7 @@ def _run_eval(a) -> dict:
     return evaluate(a.memory, a.queries, a.out, k_max=a.k_max, ood_queries_path=a.ood,
                     batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address,
                     reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
-                    probe_shards=a.probe_shards)
+                    probe_shards=a.probe_shards, ties=a.ties)
 
 
 def add_eval(sub) -> None:
@@ -42,9 +42,10 @@ def add_eval(sub) -> None:
         description="One retrieval pass at --k-max through the fan-out layer, then every figure from the "
         "same neighbour lists: top-1 accuracy of every voting rule at every k (best k on the evaluation "
         "set, and the honest figure with k and alpha/tau/xi chosen on a held-out half of the queries), "
-        "hit rate, neighbour reliability with its log fit, calibration, distances to the first 100 "
-        "neighbours (in- vs out-of-distribution with --ood) and hyper-parameter sweeps. Writes "
-        "metrics.jsonl, PNG plots and report.md under --out.",
+        "hit rate, neighbour reliability with its log fit, calibration, each rule's confidence at its best k "
+        "(reliability diagram with its expected calibration error, risk-coverage with the accuracy at 90% "
+        "coverage), distances to the first 100 neighbours (in- vs out-of-distribution with --ood) and "
+        "hyper-parameter sweeps. Writes metrics.jsonl, PNG plots and report.md under --out.",
         epilog="example: vismem eval /data/fmnist-memory test.parquet --out eval-out --k-max 100",
     )
     p.add_argument("memory", help="memory directory or gs:// URL")
@@ -65,6 +66,7 @@ def add_eval(sub) -> None:
     p.add_argument("--rerank-queries", type=count, default=200, help="queries sent to the re-ranker")
     p.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in its P nearest shards (default: all)")
+    add_ties(p)
     p.add_argument("--ray-address", default=None,
                    help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
     p.set_defaults(func=_run_eval)
@@ -73,7 +75,7 @@ def add_eval(sub) -> None:
 def _scaling(a, memory, queries, names) -> dict:
     from eval.experiments import common, scaling
 
-    result = scaling.run(memory, queries, names, k=a.k, method=a.method, label=a.label)
+    result = scaling.run(memory, queries, names, k=a.k, method=a.method, label=a.label, ties=a.ties)
     if a.compare:
         series = {a.label: (memory, queries, None)}
         for spec in a.compare:
@@ -83,14 +85,15 @@ def _scaling(a, memory, queries, names) -> dict:
             mem_path, q_path = paths.split(",")
             _check_same_encoder(mem_path, q_path)
             series[label] = (common.read_split(mem_path), common.read_split(q_path), None)
-        common.write_part(a.out, "scaling-encoders", scaling.compare_encoders(series, names, k=a.k, method=a.method))
+        common.write_part(a.out, "scaling-encoders",
+                          scaling.compare_encoders(series, names, k=a.k, method=a.method, ties=a.ties))
     return result
 
 
 def _pruning(a, memory, queries, names) -> dict:
     from eval.experiments import pruning
 
-    return pruning.run(memory, queries, names, k=a.k, self_k=a.self_k, hard_thresholds=a.thresholds)
+    return pruning.run(memory, queries, names, k=a.k, self_k=a.self_k, hard_thresholds=a.thresholds, ties=a.ties)
 
 
 def _new_classes(a, memory, queries, names) -> dict:
@@ -103,7 +106,7 @@ def _new_classes(a, memory, queries, names) -> dict:
         extra = (common.read_split(a.extra_memory), common.read_split(a.extra_queries),
                  comma_names(a.extra_names, "--extra-names"))
     new = _names_in(names, comma_names(a.new, "--new"), "--new")
-    return new_classes.run(memory, queries, names, new, k=a.k, extra=extra)
+    return new_classes.run(memory, queries, names, new, k=a.k, extra=extra, ties=a.ties)
 
 
 def _granularity(a, memory, queries, names) -> dict:
@@ -124,7 +127,7 @@ def _unlearning(a, memory, queries, names) -> dict:
     if not 0 < a.forget_fraction < 1:
         raise ValueError(f"--forget-fraction must be between 0 and 1 (exclusive), got {a.forget_fraction}")
     return unlearning.run(memory, queries, names, forget_fraction=a.forget_fraction, k=a.k,
-                          num_shards=a.num_shards)
+                          num_shards=a.num_shards, ties=a.ties)
 
 
 def _labelled(split, path: str, what: str):
@@ -173,13 +176,15 @@ def _run_experiment(a) -> dict:
     return {"experiment": a.experiment, "report": path}
 
 
-def _common(p) -> None:
+def _common(p, *, votes: bool = True) -> None:
     p.add_argument("memory", help="embedding shards of the memory items (labelled)")
     p.add_argument("queries", help="embedding shards of labelled queries")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--class-names", default=None,
                    help=CLASS_NAMES_HELP + " (default 0..C-1)")
     p.add_argument("--k", type=count, default=10, help="neighbours that vote (default 10)")
+    if votes:  # granularity places queries by a KS test, not by a vote
+        add_ties(p)
 
 
 def add_experiment(sub) -> None:
@@ -220,7 +225,7 @@ def _add_scaling(exp) -> None:
 
 def _add_granularity(exp) -> None:
     g = exp.add_parser("granularity", help="a newly discovered class placed in a class tree (Algorithm 1)")
-    _common(g)
+    _common(g, votes=False)
     g.add_argument("--tree", required=True, help="class tree JSON (see eval/trees/fashion_mnist.json)")
     g.add_argument("--held-out", required=True, help="the newly discovered class")
     g.add_argument("--exemplars", type=int_list, default=[0, 1, 2, 5, 10, 20, 50],

@@ -1,7 +1,7 @@
 """``vismem query``, ``info``, ``remove``, ``versions`` and ``gc``: operations on a memory in place."""
 from __future__ import annotations
 
-from cli.common import count, finite, positive
+from cli.common import add_ties, count, finite, fraction, positive
 from memory import voting
 
 
@@ -9,7 +9,8 @@ def _run_query(a) -> dict:
     from memory.query import query_memory
 
     return query_memory(a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
-                        version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards)
+                        version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards,
+                        ties=a.ties, abstain_below=a.abstain_below)
 
 
 def _run_info(a) -> dict:
@@ -42,8 +43,9 @@ def add_query(sub) -> None:
         "query", help="classify query embeddings against a memory",
         description="Classify every row of QUERIES (an embedding shard in the DESIGN.md schema) by its k "
         "nearest neighbours in MEMORY and a voting rule. Prints a JSON summary (with top-1 accuracy "
-        "when the queries carry labels) and, with --out, writes one row per query: prediction, "
-        "neighbour ids, labels and similarities.",
+        "when the queries carry labels) and, with --out, writes one row per query: prediction, its "
+        "confidence (the voted class's share of the vote) and whether it abstained, neighbour ids, labels "
+        "and similarities.",
         epilog="example: vismem query /data/fmnist-memory test.parquet --k 50 --method rank --out preds.parquet",
     )
     q.add_argument("memory", help="memory directory or gs:// URL")
@@ -54,6 +56,10 @@ def add_query(sub) -> None:
     q.add_argument("--alpha", type=positive, default=2.0, help="rank voting offset: w = 1/(alpha + rank)")
     q.add_argument("--tau", type=positive, default=0.07, help="softmax voting temperature")
     q.add_argument("--xi", type=finite, default=1.0, help="distance voting exponent")
+    add_ties(q)
+    q.add_argument("--abstain-below", type=fraction, default=None, metavar="C",
+                   help="answer -1 (flagged abstained) when the voted class's share of the vote is below C, "
+                   "a number in [0, 1] (default: always answer)")
     q.add_argument("--version", type=count, default=None, help="memory version to pin (default latest)")
     q.add_argument("--batch-size", type=count, default=4096, help="queries per search batch")
     q.add_argument("--probe-shards", type=count, default=None,

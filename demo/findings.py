@@ -6,8 +6,8 @@ import json
 
 def findings(metrics_path: str, parts: dict) -> list[str]:
     """Markdown lines, one finding each, from the evaluation's ``metrics.jsonl`` and the experiments' parts."""
-    lines = ["## Findings, honestly", "", _rank_voting(metrics_path), _pruning(parts["pruning"]["figures"]),
-             _new_classes(parts["new-classes"]["figures"])]
+    lines = ["## Findings, honestly", "", _rank_voting(metrics_path), _abstention(metrics_path),
+             _pruning(parts["pruning"]["figures"]), _new_classes(parts["new-classes"]["figures"])]
     sc = parts["scaling"]["figures"]
     if sc.get("a") is not None:
         lines.append(f"- The scaling-law form fits (Appendix E): R^2 in log space {sc['r2_log']:.3f} with "
@@ -34,6 +34,23 @@ def _rank_voting(metrics_path: str) -> str:
     return (f"- Rank voting stable with k while the others decay (paper, Figure 2): accuracy lost from each "
             f"rule's best k to k = {kmax}: " + ", ".join(f"{m} {d:.2f} points" for m, d in drop.items())
             + f". {'Holds' if rank_stable else 'Does not hold'} here.")
+
+
+def _abstention(metrics_path: str) -> str:
+    """The accuracy at 90% coverage of each rule (``eval.calibration``), against answering every query."""
+    at, ece = {}, {}
+    with open(metrics_path) as f:
+        for rec in map(json.loads, f):
+            if rec["figure"] == "risk_coverage" and rec["target"] in (0.9, 1.0):
+                at.setdefault(rec["method"], {})[rec["target"]] = rec
+            elif rec["figure"] == "expected_calibration_error":
+                ece[rec["method"]] = rec["ece"]
+    return ("- Accuracy at 90% coverage (Appendix I's calibration put to use: answer the 90% most confident "
+            "queries, abstain on the rest with `--abstain-below`): "
+            + ", ".join(f"{m} {100 * a[0.9]['accuracy']:.2f}% (all queries {100 * a[1.0]['accuracy']:.2f}%, "
+                        f"k = {a[0.9]['k']}, abstain below {a[0.9]['threshold']:.3f}, ECE {ece[m]:.3f})"
+                        for m, a in at.items())
+            + ". Confidence is the voted class's share of the vote.")
 
 
 def _pruning(pr: dict) -> str:

@@ -68,10 +68,12 @@ class VismemClient:
 
     def classify(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 50, method: str = "rank",
                  neighbours: bool = True, encoder: dict | None = None, **voting) -> dict:
-        """``{version, method, k, results: [{label, label_index, scores, neighbours}]}``, one result per query.
+        """``{version, method, ties, k, results}``, one result per query: ``{label, label_index, scores,
+        confidence, abstained, neighbours}`` (``label`` left out when there is none: abstained, or no vote).
 
         ``images`` are encoded image files (PNG/JPEG bytes), for a server started with ``--encoder``;
-        ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``, and ``probe_shards`` (k-means memories).
+        ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``, ``ties``, ``abstain_below`` and
+        ``probe_shards`` (k-means memories).
         ``encoder`` (``EncoderSpec.to_manifest()``) says how the embeddings were made: the server
         refuses them (409) when that differs from the memory's encoder.
         """

@@ -4,8 +4,10 @@ Figures (DESIGN.md): top-1 accuracy of every voting rule at every k, reported tw
 on the evaluation set itself (as the paper reports) and the honest figure, where k and the rule's
 hyper-parameter (alpha, tau, xi) are chosen on a held-out half of the queries and applied to the
 other half; hit rate at k; neighbour reliability with its ``a * ln(i) + b`` fit; calibration;
-distances to the first 100 neighbours (in- versus out-of-distribution when OOD queries are given);
-and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables, PNG plots.
+each rule's confidence at its best k: reliability diagram, ECE and risk-coverage
+(``eval.calibration``); distances to the first 100 neighbours (in- versus out-of-distribution when
+OOD queries are given); and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with
+tables, PNG plots.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 
 import numpy as np
 
-from eval import images, metrics, plots
+from eval import calibration, images, metrics, plots
 from memory import manifest as mf
 from memory import output_paths, voting
 from memory.memory import Memory
@@ -31,6 +33,8 @@ SWEEPS = {
     "plurality": (None, (None,)),
 }
 DEFAULTS = {"alpha": 2.0, "tau": 0.07, "xi": 1.0}
+_TIE_WORDS = {"nearest": "the tied class whose best-ranked neighbour is nearest wins",
+              "leader": "the tied class that reached the top score first keeps it (the released code's rule)"}
 
 
 def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int = 4096,
@@ -47,7 +51,7 @@ def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
-def sweep_accuracy(labels, sims, truth, num_classes, weights=None) -> dict:
+def sweep_accuracy(labels, sims, truth, num_classes, weights=None, ties="nearest") -> dict:
     """``{method: {value: accuracy (K,)}}`` over each rule's hyper-parameter grid."""
     out = {}
     for method, (param, values) in SWEEPS.items():
@@ -57,12 +61,12 @@ def sweep_accuracy(labels, sims, truth, num_classes, weights=None) -> dict:
             if param:
                 kw[param] = value
             acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, methods=(method,),
-                                         weights=weights, **kw)[method]
+                                         weights=weights, ties=ties, **kw)[method]
             out[method][value] = acc
     return out
 
 
-def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=None) -> dict:
+def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=None, ties="nearest") -> dict:
     """Choose (k, hyper-parameter) per rule on a random half of the queries; score the other half."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(truth))
@@ -71,7 +75,7 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
         raise ValueError("need at least 2 labelled queries to choose hyper-parameters on a held-out split")
     w_t = None if weights is None else weights[tune]
     w_e = None if weights is None else weights[test]
-    tuned = sweep_accuracy(labels[tune], sims[tune], truth[tune], num_classes, w_t)
+    tuned = sweep_accuracy(labels[tune], sims[tune], truth[tune], num_classes, w_t, ties)
     out = {}
     for method, by_value in tuned.items():
         value, acc = max(by_value.items(), key=lambda kv: kv[1].max())
@@ -81,7 +85,7 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
         if param:
             kw[param] = value
         pred = voting.predict(labels[test], sims[test], method=method, num_classes=num_classes, k=k,
-                              weights=w_e, **kw)
+                              weights=w_e, ties=ties, **kw)
         out[method] = {"k": k, "param": param, "value": value, "tune_accuracy": float(acc.max()),
                        "test_accuracy": float((pred == truth[test]).mean()), "tune_n": len(tune),
                        "test_n": len(test)}
@@ -91,7 +95,8 @@ def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=No
 def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 100,
              ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
              version: int | None = None, ray_address: str | None = None, reranker=None,
-             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None) -> dict:
+             rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
+             ties: str = "nearest") -> dict:
     """Evaluate a memory against labelled query embeddings; write the report under ``out_dir``.
 
     With a ``reranker`` (``eval.rerank.Reranker``), the first ``rerank_queries`` queries and their
@@ -104,8 +109,12 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
 
     With ``probe_shards`` (a k-means memory) each query searches only its nearest shards, so the
     report shows what routing costs in accuracy.
+
+    ``ties`` settles a tied top score in every vote (``memory.voting.TIES``: ``nearest``, ours, or
+    ``leader``, the released code's, to reproduce the paper's figures).
     """
     positive_ints(k_max=k_max, batch_size=batch_size, rerank_k=rerank_k, rerank_queries=rerank_queries)
+    voting.check_ties(ties)
     output_paths.check_folder(out_dir, "--out")
     manifest = mf.read_manifest(memory_path, version)
     q, truth, uris = _labelled_queries(queries_path, manifest, memory_path)
@@ -117,23 +126,27 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
         reranked = None
         if reranker is not None:
             n = rerank_queries
-            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max))
-    scores = score(got, truth, k_max)
-    best, honest = choose(got, scores.acc, truth, seed)
+            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max), ties)
+    scores = score(got, truth, k_max, ties)
+    best, honest = choose(got, scores.acc, truth, seed, ties)
+    confident = calibration.confidence_figures(got.labels, got.sims, truth, num_classes=got.num_classes, best=best,
+                                               weights=got.weights, ties=ties, **DEFAULTS)
     os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
-    _write_metrics(out_dir, _records(scores, best, honest, timing, reranked))
+    _write_metrics(out_dir, _records(scores, best, honest, timing, reranked, ties) + calibration.records(confident))
     figures = plots.write_eval_plots(out_dir, acc=scores.acc, hit=scores.hit, rel=scores.rel,
                                      rel_fit=scores.rel_fit, cal=scores.cal, dist_in=scores.dist_in,
                                      dist_ood=scores.dist_ood, sweeps=scores.sweeps)
+    figures += plots.write_confidence_plots(out_dir, confident)
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as f:
-        f.write(_report(memory_path, got.version, queries_path, timing, best, honest, scores, figures, reranked))
+        f.write(_report(memory_path, got.version, queries_path, timing, best, honest, scores, figures, reranked,
+                        ties, calibration.report_lines(confident)))
     return {"report": report, "best_k_on_eval_set": best,
             "held_out_choice": {m: {"k": v["k"], v["param"] or "param": v["value"],
                                     "test_accuracy": v["test_accuracy"]} for m, v in honest.items()},
-            "timing": timing}
+            "confidence": calibration.summary(confident), "ties": ties, "timing": timing}
 
 
 @dataclasses.dataclass
@@ -210,32 +223,34 @@ def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shar
     return Retrieval(labels, sims, weights, ood_sims, seconds, mem.num_classes, mem.version)
 
 
-def score(got: Retrieval, truth, k_max: int) -> Scores:
+def score(got: Retrieval, truth, k_max: int, ties: str = "nearest") -> Scores:
     """The scoring stage: accuracy of every rule at every k, sweeps, hit rate, reliability, calibration."""
     labels, sims, weights, num_classes = got.labels, got.sims, got.weights, got.num_classes
     t0 = time.perf_counter()
-    acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, weights=weights)
+    acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, weights=weights, ties=ties)
     seconds = time.perf_counter() - t0
     rel = metrics.neighbour_reliability(labels, truth)
     return Scores(
-        acc=acc, sweeps=sweep_accuracy(labels, sims, truth, num_classes, weights),
+        acc=acc, sweeps=sweep_accuracy(labels, sims, truth, num_classes, weights, ties),
         hit=metrics.hit_rate(labels, truth), rel=rel, rel_fit=metrics.fit_log(rel),
-        cal=metrics.calibration(labels, truth, num_classes=num_classes, k=min(100, k_max)),
+        cal=metrics.calibration(labels, truth, num_classes=num_classes, k=min(100, k_max), ties=ties),
         dist_in=(1.0 - sims[:, :100]).mean(axis=0),
         dist_ood=None if got.ood_sims is None else (1.0 - got.ood_sims[:, :100]).mean(axis=0),
         seconds=seconds)
 
 
-def choose(got: Retrieval, acc: dict, truth, seed: int) -> tuple[dict, dict]:
+def choose(got: Retrieval, acc: dict, truth, seed: int, ties: str = "nearest") -> tuple[dict, dict]:
     """The choice stage: ``(best k on the evaluation set itself, held-out choice)`` per rule."""
     best = {m: {"k": int(a.argmax()) + 1, "accuracy": float(a.max())} for m, a in acc.items()}
-    return best, honest_choice(got.labels, got.sims, truth, got.num_classes, seed=seed, weights=got.weights)
+    return best, honest_choice(got.labels, got.sims, truth, got.num_classes, seed=seed, weights=got.weights,
+                               ties=ties)
 
 
-def _records(s: Scores, best, honest, timing, reranked) -> list:
+def _records(s: Scores, best, honest, timing, reranked, ties) -> list:
     """The rows of ``metrics.jsonl``, one per figure point."""
-    records = [{"figure": "accuracy_by_k", "method": m, "k": k + 1, "accuracy": float(a[k])}
-               for m, a in s.acc.items() for k in range(len(a))]
+    records = [{"figure": "voting", "ties": ties}]
+    records += [{"figure": "accuracy_by_k", "method": m, "k": k + 1, "accuracy": float(a[k])}
+                for m, a in s.acc.items() for k in range(len(a))]
     records += [{"figure": "best_k_on_eval_set", "method": m, **v} for m, v in best.items()]
     records += [{"figure": "held_out_choice", "method": m, **v} for m, v in honest.items()]
     records += [{"figure": "hit_rate", "k": k + 1, "value": float(v)} for k, v in enumerate(s.hit)]
@@ -243,6 +258,8 @@ def _records(s: Scores, best, honest, timing, reranked) -> list:
     records.append({"figure": "neighbour_reliability_fit", "a": s.rel_fit[0], "b": s.rel_fit[1]})
     records += [{"figure": "calibration_count", "count": c, "accuracy": a, "n": n}
                 for c, (a, n) in s.cal["count"].items()]
+    records += [{"figure": "calibration_count_binned", "count_from": lo, "count_to": hi, "accuracy": a, "n": n}
+                for lo, hi, a, n in s.cal["count_bins"]]
     records += [{"figure": "distance_by_neighbour", "index": i + 1, "in_distribution": float(d),
                  "out_of_distribution": None if s.dist_ood is None else float(s.dist_ood[i])}
                 for i, d in enumerate(s.dist_in)]
@@ -260,12 +277,12 @@ def _write_metrics(out_dir: str, records: list) -> None:
             f.write(json.dumps(r, default=float) + "\n")
 
 
-def _rerank(mem, memory_path, reranker, q, truth, uris, k) -> dict:
+def _rerank(mem, memory_path, reranker, q, truth, uris, k, ties="nearest") -> dict:
     """Send each query and its k labelled neighbours to the re-ranker; score it beside rank voting."""
     from eval.rerank import Neighbour, rerank_accuracy
 
     image = images.image_bytes  # resolves every source kind's uri (memory.uris)
-    res = mem.classify(q, k, "rank")
+    res = mem.classify(q, k, "rank", ties=ties)
     where = images.item_uris(memory_path, mem.version)
     names = mem.class_names
     neighbour_lists = [
@@ -276,7 +293,8 @@ def _rerank(mem, memory_path, reranker, q, truth, uris, k) -> dict:
     return {**out, "k": k, "fallback": "rank"}
 
 
-def _report(memory_path, version, queries_path, timing, best, honest, s: Scores, figures, reranked) -> str:
+def _report(memory_path, version, queries_path, timing, best, honest, s: Scores, figures, reranked, ties,
+            confidence_section: list) -> str:
     """``report.md``: the tables of the figures, and the plots."""
     hit, rel_fit, cal = s.hit, s.rel_fit, s.cal
     lines = [
@@ -285,6 +303,7 @@ def _report(memory_path, version, queries_path, timing, best, honest, s: Scores,
         f"k-max {timing['k_max']}"
         + (f"; each query searched only its {timing['probe_shards']} nearest shards (k-means routing)"
            if timing.get("probe_shards") else "") + ".", "",
+        f"Ties between classes: {_TIE_WORDS[ties]} (`--ties {ties}`).", "",
         f"Retrieval {timing['retrieval_s']:.2f} s; scoring every rule at every k "
         f"{timing['scoring_all_rules_all_k_s']:.2f} s ({100 * timing['scoring_over_retrieval']:.1f}% of retrieval).", "",
         "## Top-1 accuracy by voting rule", "",
@@ -309,8 +328,11 @@ def _report(memory_path, version, queries_path, timing, best, honest, s: Scores,
               "| --- |" + " --- |" * len(ks), "| hit rate | " + " | ".join(f"{hit[k - 1]:.4f}" for k in ks) + " |",
               "", "## Neighbour reliability (Figure 1)", "",
               f"Accuracy of the i-th neighbour alone fits `acc = {rel_fit[0]:.4f} * ln(i) + {rel_fit[1]:.4f}`.",
-              "", "## Calibration (Appendix I)", "", "| plurality count among neighbours | accuracy | queries |",
-              "| --- | --- | --- |"]
-    lines += [f"| {c} | {a:.4f} | {n} |" for c, (a, n) in sorted(cal["count"].items())]
-    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures] + [""]
+              "", "## Calibration (Appendix I)", "",
+              f"Accuracy of plurality voting against how many of the first {min(100, len(hit))} neighbours carry "
+              "its class (counts in at most 10 ranges; each count in `metrics.jsonl`):", "",
+              "| plurality count among neighbours | accuracy | queries |", "| --- | --- | --- |"]
+    lines += [f"| {lo if lo == hi else f'{lo}-{hi}'} | {a:.4f} | {n} |" for lo, hi, a, n in cal["count_bins"]]
+    lines += [""] + confidence_section
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in figures] + [""]
     return "\n".join(lines)

@@ -74,6 +74,33 @@ def write_eval_plots(out_dir, *, acc, hit, rel, rel_fit, cal, dist_in, dist_ood,
     return names
 
 
+def write_confidence_plots(out_dir, figures: dict) -> list:
+    """Each rule's reliability diagram and risk-coverage curve (``eval.calibration``), one line per rule;
+    returns the two file names."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([0, 1], [0, 100], "k--", lw=0.8, label="calibrated")
+    for method, f in figures.items():
+        r = f["reliability"]
+        held = r["count"] > 0
+        ax.plot(r["confidence"][held], 100 * r["accuracy"][held], "o-",
+                label=f"{method} (k={f['k']}, ECE {r['ece']:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 101), xlabel="confidence (voted class's share, 10 bins: mean)",
+           ylabel="accuracy (%)", title="Reliability diagram")
+    ax.legend(fontsize=7)
+    names = [_save(fig, out_dir, "reliability_diagram.png")]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, f in figures.items():
+        rc = f["risk_coverage"]
+        ax.plot(100 * rc["coverage"], 100 * rc["accuracy"], "-", label=f"{method} (k={f['k']})")
+    ax.axvline(90, color="0.6", ls=":", lw=1)
+    ax.set(xlim=(0, 100), xlabel="coverage: queries answered, most confident first (%)",
+           ylabel="accuracy of the answered (%)", title="Risk-coverage")
+    ax.legend(fontsize=7)
+    names.append(_save(fig, out_dir, "risk_coverage.png"))
+    return names
+
+
 def plot_scaling(out_dir, name, sizes, series) -> str:
     """Error against memory size (log x), one line per series ``{label: (errors, a, b)}`` with its fit."""
     from eval.scaling import predict_error

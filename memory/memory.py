@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from memory import leases, quantize, removals, voting
+from memory import confidence, leases, quantize, removals, voting
 from memory import manifest as mf
 from memory.backends import BACKENDS
 from memory.columns import ItemColumns
@@ -34,14 +34,21 @@ class Neighbours:
 
 @dataclasses.dataclass
 class Classification:
-    predictions: np.ndarray  # (Q,) class index, -1 when no neighbour could vote
+    predictions: np.ndarray  # (Q,) class index, -1 when no neighbour could vote or the query abstained
     scores: np.ndarray       # (Q, C) class scores of the voting rule
     neighbours: Neighbours   # the neighbours behind each decision
     class_names: list
+    confidence: np.ndarray   # (Q,) the voted class's share of the vote (memory.confidence), 0 when nothing voted
+    reasons: np.ndarray      # (Q,) object: None (answered), "abstained" or "no votes" (why the prediction is -1)
 
     @property
     def predicted_names(self) -> list:
         return [self.class_names[p] if p >= 0 else None for p in self.predictions]
+
+    @property
+    def abstained(self) -> np.ndarray:
+        """``(Q,)`` bool: the queries whose confidence fell below ``abstain_below``."""
+        return self.reasons == confidence.ABSTAINED
 
 
 def write_memory(path: str, embeddings, labels, ids, *, num_shards: int = 1, backend: str = "exact",
@@ -323,12 +330,28 @@ class Memory:
 
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
-                 probe_shards: int | None = None) -> Classification:
-        """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``)."""
+                 probe_shards: int | None = None, ties: str = "nearest",
+                 abstain_below: float | None = None) -> Classification:
+        """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``).
+
+        ``ties`` settles a tied top score (``nearest`` or ``leader``, ``memory.voting.TIES``). Each
+        prediction carries its confidence, the voted class's share of the vote (``memory.confidence``);
+        with ``abstain_below=C`` a prediction whose confidence is below C becomes -1, its reason
+        ``"abstained"``.
+
+        Raises:
+            ValueError: an unknown method or tie rule, ``abstain_below`` outside [0, 1], or bad queries
+                or k (:meth:`search`).
+        """
         if method not in voting.METHODS:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
+        voting.check_ties(ties)
+        confidence.check_abstain_below(abstain_below)
         nb = self.search(queries, k, probe_shards=probe_shards)
         kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
-                  alpha=alpha, tau=tau, xi=xi)
-        scores, preds = voting.vote_and_predict(nb.labels, nb.sims, **kw)
-        return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names)
+                  alpha=alpha, tau=tau, xi=xi, ties=ties)
+        scores, voted = voting.vote_and_predict(nb.labels, nb.sims, **kw)
+        conf = confidence.confidence(scores, voted)
+        preds, reasons = confidence.abstain(voted, conf, abstain_below)
+        return Classification(predictions=preds, scores=scores, neighbours=nb, class_names=self.class_names,
+                              confidence=conf, reasons=reasons)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memory import manifest as mf
-from memory import output_paths, schema, storage
+from memory import confidence, output_paths, schema, storage, voting
 from memory.encoder_spec import EncoderSpec, agreed, check_against_memory
 from memory.memory import Memory
 
@@ -17,49 +17,65 @@ SLOTS_PER_BATCH = 1 << 22
 
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
-                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None) -> dict:
+                 alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None,
+                 ties: str = "nearest", abstain_below: float | None = None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
-    When the query rows carry labels (>= 0), the summary includes top-1 accuracy over them.
-    Everything is checked before the memory is opened (:func:`read_queries`, ``k`` against the
-    memory's live items, ``out`` a file path); nothing is written unless the whole run succeeds.
+    Every prediction carries its confidence (``Memory.classify``: the voted class's share of the
+    vote); with ``abstain_below`` those below it are -1 and flagged ``abstained``. When the query rows
+    carry labels (>= 0), the summary includes top-1 accuracy over them (an abstention counts as an
+    error) and, with ``abstain_below``, the accuracy over the answered ones. Everything is checked
+    before the memory is opened (:func:`read_queries`, ``k`` against the memory's live items, ``out``
+    a file path); nothing is written unless the whole run succeeds.
 
     Raises:
         ValueError: ``k`` or ``batch_size`` below 1, ``k`` above the memory's live items, queries of
-            another encoder or dimension, no query rows, labels outside the memory's classes, or an
-            ``out`` that is a folder.
+            another encoder or dimension, no query rows, labels outside the memory's classes, an
+            ``out`` that is a folder, an unknown tie rule or ``abstain_below`` outside [0, 1].
         FileNotFoundError: no memory, no such version, or no query shards.
     """
     from tqdm import tqdm
 
     positive_ints(k=k, batch_size=batch_size)
+    voting.check_ties(ties)
+    confidence.check_abstain_below(abstain_below)
     manifest = mf.read_manifest(memory_path, version)
     if out:
         output_paths.check_file(out, "--out")
     queries = read_queries(queries_path, manifest, memory_path)
     check_k(k, manifest, memory_path)
     n, step = len(queries["ids"]), search_batch(batch_size, k)
-    preds = np.empty(n, np.int64)
+    preds, conf, abstained = np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, bool)
     nb_ids, nb_labels, nb_sims = [], [], []
     with Memory.open(memory_path, manifest.version) as mem:
         for start in tqdm(range(0, n, step), desc="query", unit="batch", disable=n <= step):
             res = mem.classify(queries["embeddings"][start:start + step], k, method,
-                               alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards)
+                               alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards, ties=ties,
+                               abstain_below=abstain_below)
             preds[start:start + step] = res.predictions
+            conf[start:start + step] = res.confidence
+            abstained[start:start + step] = res.abstained
             if out:  # only --out needs every neighbour list at the end
                 nb_ids.append(res.neighbours.ids)
                 nb_labels.append(res.neighbours.labels)
                 nb_sims.append(res.neighbours.sims)
         names = mem.class_names
-        summary = {"memory": memory_path, "version": mem.version, "queries": n, "k": k, "method": method}
+        summary = {"memory": memory_path, "version": mem.version, "queries": n, "k": k, "method": method,
+                   "ties": ties, "mean_confidence": float(conf.mean())}
+    if abstain_below is not None:
+        summary.update(abstain_below=abstain_below, abstained=int(abstained.sum()))
     labels = queries["labels"]
     known = labels >= 0
     if known.any():
         summary["labelled_queries"] = int(known.sum())
         summary["top1_accuracy"] = float((preds[known] == labels[known]).mean())
+        if abstain_below is not None:  # None when every labelled query abstained
+            answered = known & ~abstained
+            summary["accuracy_answered"] = float((preds[answered] == labels[answered]).mean()) \
+                if answered.any() else None
     if out:
         neighbours = (np.concatenate(nb_ids), np.concatenate(nb_labels), np.concatenate(nb_sims))
-        _write_predictions(out, queries["ids"], preds, names, labels, neighbours)
+        _write_predictions(out, queries["ids"], preds, names, labels, neighbours, conf, abstained)
         summary["out"] = out
     return summary
 
@@ -136,13 +152,17 @@ def search_batch(batch_size: int, k: int) -> int:
     return max(1, min(int(batch_size), SLOTS_PER_BATCH // max(int(k), 1)))
 
 
-def _write_predictions(out: str, ids, preds: np.ndarray, names: list, labels: np.ndarray, neighbours: tuple) -> None:
-    """One Parquet row per query: prediction (index and name), label, neighbour ids, labels and similarities."""
+def _write_predictions(out: str, ids, preds: np.ndarray, names: list, labels: np.ndarray, neighbours: tuple,
+                       conf: np.ndarray, abstained: np.ndarray) -> None:
+    """One Parquet row per query: prediction (index and name), its confidence and whether it abstained
+    (prediction -1), label, neighbour ids, labels and similarities."""
     nb_ids, nb_labels, nb_sims = neighbours
     table = pa.table({
         "id": pa.array(ids, pa.string()),
         "prediction": pa.array(preds, pa.int32()),
         "prediction_name": pa.array([names[p] if p >= 0 else None for p in preds], pa.string()),
+        "confidence": pa.array(conf, pa.float64()),
+        "abstained": pa.array(abstained, pa.bool_()),
         "label": pa.array(labels, pa.int32()),
         "neighbour_ids": pa.array(nb_ids.tolist(), pa.list_(pa.string())),
         "neighbour_labels": pa.array(nb_labels.tolist(), pa.list_(pa.int32())),

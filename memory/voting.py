@@ -10,10 +10,19 @@ Formulas (DESIGN.md, the paper's section 2.2), with rank ``r`` 0-based and ``s``
 
 Each weight is multiplied by an optional per-neighbour ``weights`` entry (soft memory pruning).
 Neighbours whose label is ``-1`` (excluded: hard-pruned, removed, or padding) are skipped, and the
-neighbours after them move up in rank, exactly as if the excluded items were not in the memory.
+neighbours after them move up in rank, exactly as if the excluded items were not in the memory; each
+kept neighbour keeps its own similarity and weight (the released notebook reads those of the neighbour
+at the kept rank's position: a bug, not copied).
 
-Ties between classes: the tied class whose best-ranked neighbour is nearest wins. A query with no
-valid neighbour predicts ``-1``.
+Ties between classes, two documented rules (``ties``):
+
+- ``nearest`` (the default): the tied class whose best-ranked neighbour is nearest wins.
+- ``leader`` (the authors' released code, for reproducing the paper's figures): scanning the
+  neighbours in rank order with running class scores, the leader changes only when another class
+  becomes strictly greater (beyond the float tolerance) than it, so the class that first reached
+  the top score keeps it. Both rules pick the same class whenever the top score is not tied.
+
+A query with no valid neighbour predicts ``-1``.
 
 Everything is vectorised over the batch; :func:`predict_all_k` gives the prediction for every
 ``k = 1..K`` in one pass over the columns, because evaluations need every k.
@@ -23,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 METHODS = ("plurality", "distance", "softmax", "rank")
+TIES = ("nearest", "leader")
 EXCLUDED = -1
 # Class scores within this relative distance of the best one count as tied: sums of the same
 # weights in another order can differ in the last bits.
@@ -59,6 +69,14 @@ def _validate(labels, sims, weights, method, num_classes, k):
         if int(k) > labels.shape[1]:
             raise ValueError(f"k={k} exceeds the {labels.shape[1]} neighbours given")
     return labels.astype(np.int64), sims, weights
+
+
+def check_ties(ties) -> str:
+    """``ties`` if it names a tie rule; a ValueError listing the rules otherwise."""
+    if ties not in TIES:
+        raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIES)} (nearest: the tied class "
+                         "with the nearest neighbour wins; leader: the tied class that reached the top score first)")
+    return ties
 
 
 def _compact(labels, sims, weights):
@@ -149,54 +167,79 @@ def vote(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, 
     return _scores_and_first_rank(labels, w, int(num_classes))[0]
 
 
-def vote_and_predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+def vote_and_predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0,
+                     ties="nearest"):
     """``(scores (Q, C), predictions (Q,))`` in one pass: :func:`vote` and :func:`predict` together."""
+    check_ties(ties)
     labels, w = _prepare(labels, sims, method, num_classes, k, weights, alpha, tau, xi)
     scores, first_rank = _scores_and_first_rank(labels, w, int(num_classes))
-    return scores, _argmax_with_ties(scores, first_rank, labels.shape[1])
+    if ties == "nearest":
+        return scores, _argmax_with_ties(scores, first_rank, labels.shape[1])
+    return scores, _running_leader(labels, w)
 
 
-def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0):
-    """Predicted labels ``(Q,)``: the argmax of :func:`vote`, ties to the class seen first."""
+def predict(labels, sims, *, method, num_classes, k=None, weights=None, alpha=2.0, tau=0.07, xi=1.0,
+            ties="nearest"):
+    """Predicted labels ``(Q,)``: the argmax of :func:`vote`, a tie settled by the rule ``ties``."""
     return vote_and_predict(labels, sims, method=method, num_classes=num_classes, k=k, weights=weights,
-                            alpha=alpha, tau=tau, xi=xi)[1]
+                            alpha=alpha, tau=tau, xi=xi, ties=ties)[1]
 
 
-def predict_all_k(labels, sims, *, method, num_classes, weights=None, alpha=2.0, tau=0.07, xi=1.0):
+def predict_all_k(labels, sims, *, method, num_classes, weights=None, alpha=2.0, tau=0.07, xi=1.0,
+                  ties="nearest"):
     """Predictions for every ``k = 1..K`` at once: ``(Q, K)``, column ``k - 1`` is :func:`predict` at k.
 
     When a query has fewer than k valid neighbours, its prediction at k uses all it has.
     """
     return predict_all_k_methods(labels, sims, methods=(method,), num_classes=num_classes, weights=weights,
-                                 alpha=alpha, tau=tau, xi=xi)[method]
+                                 alpha=alpha, tau=tau, xi=xi, ties=ties)[method]
 
 
 def predict_all_k_methods(labels, sims, *, methods=METHODS, num_classes, weights=None, alpha=2.0, tau=0.07,
-                          xi=1.0) -> dict:
+                          xi=1.0, ties="nearest") -> dict:
     """``{method: (Q, K) predictions at every k}``: :func:`predict_all_k` for several rules, sharing the set-up.
 
     One pass over the neighbour columns per rule with running class scores: after adding
     neighbour ``j`` only its class's score grew, so the leader either stays or becomes that class.
+    That pass is the ``leader`` tie rule itself, and the ``nearest`` rule with one more test.
     Scores live in per-query slots, one per distinct label numbered by first appearance (at most
     K), rather than a ``(Q, num_classes)`` matrix: the pass stays in cache with thousands of
-    classes, and the tie rule (nearest first appearance wins) becomes "the lower slot wins".
+    classes, and the ``nearest`` tie rule (nearest first appearance wins) becomes "the lower slot wins".
     """
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(METHODS)}")
+    check_ties(ties)
     labels, sims, weights = _validate(labels, sims, weights, methods[0] if methods else "rank", num_classes, None)
     if (labels == EXCLUDED).any():
         labels, sims, weights = _compact(labels, sims, weights)
     slot, slot_label = _first_appearance_slots(labels)
-    valid_t = np.ascontiguousarray((labels != EXCLUDED).T)  # column-major: each step reads one column
-    slot_t = np.ascontiguousarray(slot.T)
-    flat_t = np.ascontiguousarray((slot + labels.shape[1] * np.arange(len(labels))[:, None]).T)
+    columns = _slot_columns(labels, slot)
     out = {}
     for method in methods:
         w = neighbour_weights(labels, sims, method=method, weights=weights, alpha=alpha, tau=tau, xi=xi)
-        leader = _leaders_all_k(valid_t, slot_t, flat_t, np.ascontiguousarray(w.T), labels.shape)
+        leader = _leaders_all_k(*columns, np.ascontiguousarray(w.T), labels.shape, ties=ties)
         out[method] = np.take_along_axis(slot_label, leader, axis=1)
     return out
+
+
+def _running_leader(labels, w):
+    """``(Q,)`` the ``leader`` rule's class after all the (compacted) neighbours: the last step of the
+    running pass of :func:`predict_all_k_methods`, so that both give the same answer at every k."""
+    if labels.shape[1] == 0:
+        return np.full(len(labels), EXCLUDED, dtype=np.int64)
+    slot, slot_label = _first_appearance_slots(labels)
+    leader = _leaders_all_k(*_slot_columns(labels, slot), np.ascontiguousarray(w.T), labels.shape,
+                            ties="leader", last_only=True)
+    return slot_label[np.arange(len(labels)), leader]
+
+
+def _slot_columns(labels, slot):
+    """``(valid, slot, flat index into a (Q * K) score array)``, column-major: each step reads one column."""
+    valid_t = np.ascontiguousarray((labels != EXCLUDED).T)
+    slot_t = np.ascontiguousarray(slot.T)
+    flat_t = np.ascontiguousarray((slot + labels.shape[1] * np.arange(len(labels))[:, None]).T)
+    return valid_t, slot_t, flat_t
 
 
 def _first_appearance_slots(labels):
@@ -222,13 +265,14 @@ def _first_appearance_slots(labels):
     return slot, slot_label
 
 
-def _leaders_all_k(valid_t, slot_t, flat_t, w_t, shape):
-    """``(Q, K)`` leading slot after each neighbour column (``K`` before any valid neighbour)."""
+def _leaders_all_k(valid_t, slot_t, flat_t, w_t, shape, *, ties="nearest", last_only=False):
+    """``(Q, K)`` leading slot after each neighbour column (``K`` before any valid neighbour); with
+    ``last_only``, ``(Q,)`` after the last column. A loop over the K columns, vectorised over queries."""
     q, kmax = shape
     scores = np.zeros(q * kmax, dtype=np.float64)
     leader = np.full(q, kmax, dtype=np.int64)  # above every slot: "no leader yet", loses every tie
     lead_score = np.full(q, -1.0)  # below any score (weights are >= 0)
-    out = np.empty((kmax, q), dtype=np.int64)
+    out = None if last_only else np.empty((kmax, q), dtype=np.int64)
     tol, diff = np.empty(q), np.empty(q)
     for j in range(kmax):
         valid, c, idx = valid_t[j], slot_t[j], flat_t[j]
@@ -238,9 +282,12 @@ def _leaders_all_k(valid_t, slot_t, flat_t, w_t, shape):
         np.abs(lead_score, out=tol)
         tol *= _TIE_RTOL
         np.subtract(cand, lead_score, out=diff)
-        # Wins: clearly ahead, or tied (within tol) with an earlier first appearance (lower slot).
-        wins = valid & ((diff > tol) | ((diff >= -tol) & (c < leader)))
+        if ties == "leader":  # wins only when clearly ahead: a tie keeps the class that got there first
+            wins = valid & (diff > tol)
+        else:  # also wins a tie (within tol) with an earlier first appearance (lower slot)
+            wins = valid & ((diff > tol) | ((diff >= -tol) & (c < leader)))
         np.copyto(lead_score, cand, where=wins | (valid & (c == leader)))  # also when the leader itself grew
         np.copyto(leader, c, where=wins)
-        out[j] = leader
-    return out.T
+        if out is not None:
+            out[j] = leader
+    return leader if last_only else out.T

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import clustered
 from memory import schema, write_memory
@@ -37,6 +38,38 @@ def test_query_writes_predictions_with_neighbours(tmp_path):
 
     info = _run("info", str(tmp_path / "m"))
     assert info.returncode == 0 and json.loads(info.stdout)["count"] == 400
+
+
+def test_query_writes_confidence_and_abstains_below_the_threshold(tmp_path):
+    x, labels = clustered(500, 12, 3, seed=24, noise=0.9)  # overlapping clusters: split votes
+    write_memory(str(tmp_path / "m"), x[:400], labels[:400], [f"m{i}" for i in range(400)],
+                 num_shards=2, class_names=["x", "y", "z"])
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table([f"q{i}" for i in range(100)], x[400:], labels[400:]))
+    runs = {}
+    for name, extra in (("all", []), ("sure", ["--abstain-below", "0.8"])):
+        out = tmp_path / f"{name}.parquet"
+        res = _run("query", str(tmp_path / "m"), str(tmp_path / "q.parquet"), "--k", "7", "--method", "plurality",
+                   "--out", str(out), *extra)
+        assert res.returncode == 0, res.stderr
+        runs[name] = (json.loads(res.stdout), pq.read_table(out).to_pydict())
+    summary, table = runs["all"]
+    voted = np.array(table["prediction"])
+    # Plurality at k = 7: the share is the voted class's count among the 7 neighbour labels, over 7.
+    counts = np.array([row.count(p) for row, p in zip(table["neighbour_labels"], voted)])
+    np.testing.assert_allclose(table["confidence"], counts / 7, rtol=1e-12)
+    assert not any(table["abstained"]) and "abstained" not in summary
+    assert summary["mean_confidence"] == pytest.approx(np.mean(counts / 7))
+    sure_summary, sure = runs["sure"]
+    unsure = counts / 7 < 0.8  # 5 of 7 votes or fewer
+    assert 0 < unsure.sum() < 100, unsure.sum()
+    assert sure["abstained"] == unsure.tolist() and sure["confidence"] == table["confidence"]
+    assert sure["prediction"] == np.where(unsure, -1, voted).tolist()
+    assert [n is None for n in sure["prediction_name"]] == unsure.tolist()
+    assert sure_summary["abstained"] == int(unsure.sum()) and sure_summary["abstain_below"] == 0.8
+    truth = labels[400:]
+    assert sure_summary["top1_accuracy"] == float(np.mean(np.where(unsure, -1, voted) == truth))
+    assert sure_summary["accuracy_answered"] == float(np.mean(voted[~unsure] == truth[~unsure]))
 
 
 def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):

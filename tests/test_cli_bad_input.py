@@ -93,6 +93,11 @@ CASES = {
     "query version 0": (["query", M, Q, "--version", "0"], "--version: must be an integer >= 1"),
     "query version absent": (["query", M, Q, "--version", "9"], "has no version 9"),
     "query memory is a file": (["query", Q, Q], "holds no published memory"),
+    "query abstain-below 1.5": (["query", M, Q, "--abstain-below", "1.5"],
+                                "--abstain-below: must be a number in [0, 1], got 1.5"),
+    "query abstain-below -0.1": (["query", M, Q, "--abstain-below", "-0.1"], "--abstain-below: must be a number in"),
+    "query abstain-below nan": (["query", M, Q, "--abstain-below", "nan"], "--abstain-below: must be a finite number"),
+    "query unknown tie rule": (["query", M, Q, "--ties", "foo"], "--ties: invalid choice: 'foo'"),
     "query probe-shards on a hash memory": (["query", M, Q, "--probe-shards", "1"], "needs a k-means partitioned"),
     "query manifest shards not a list": (["query", "{d}/mem_badshards", Q], "field 'shards' must be a list, got dict"),
     "query manifest not JSON": (["query", "{d}/mem_badjson", Q], "is corrupt"),
@@ -108,6 +113,7 @@ CASES = {
     "eval ood missing": (["eval", M, Q, *EV, "--ood", "{d}/nope.parquet"], "embedding shard not found"),
     "eval ood other image size": (["eval", M, Q, *EV, "--ood", "{d}/q96.parquet"], "encoders differ in image_size"),
     "eval memory missing": (["eval", "{d}/nomem", Q, *EV], "no memory at"),
+    "eval unknown tie rule": (["eval", M, Q, *EV, "--ties", "first"], "--ties: invalid choice: 'first'"),
     "eval rerank-k 0": (["eval", M, Q, *EV, "--rerank-k", "0"], "--rerank-k: must be an integer >= 1"),
     # build and add: refused before any Beam work, nothing published
     "build num-shards 0": (["build", "{d}/emb", "{d}/new", "--num-shards", "0", "--class-names", "a"],
@@ -160,6 +166,7 @@ CASES = {
     # experiment
     "experiment out is a file": (["experiment", "scaling", "{d}/emb", Q, "--out", "{d}/afile.txt"], "is a file"),
     "experiment k 0": ([*EXP, "--k", "0"], "--k: must be an integer >= 1"),
+    "experiment unknown tie rule": ([*EXP, "--ties", "foo"], "--ties: invalid choice: 'foo'"),
     "experiment thresholds not numbers": ([*EXP, "--thresholds", "abc"], "must be a comma list of integers"),
     "experiment forget-fraction 1": (["experiment", "unlearning", "{d}/emb", Q, "--out", "{d}/rep",
                                       "--forget-fraction", "1"], "--forget-fraction must be between 0 and 1"),

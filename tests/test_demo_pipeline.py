@@ -11,7 +11,8 @@ def test_demo_end_to_end_on_a_few_hundred_images(tmp_path):
     report = open(summary["report"]).read()
     for section in ("## Findings, honestly", "**Honest figure**", "Memory-size scaling", "New classes without training",
                     "Unlearning (section 3.4)", "Memory pruning", "A newly discovered class",
-                    "Memory-size scaling by encoder", "A larger encoder needs less memory"):
+                    "Memory-size scaling by encoder", "A larger encoder needs less memory", "Accuracy at 90% coverage",
+                    "## Confidence: calibration and abstention"):
         assert section in report, section
     # Pseudo-labels were produced and scored against the hidden labels.
     assert summary["pseudo_labels"]["pseudo_labelled"] > 150

@@ -129,3 +129,80 @@ def test_hierarchy_places_queries_by_ks_test():
     assert hierarchy.predict_path(q, small, emb[keep], labels[keep], names)[0] == "g1"
     acc = hierarchy.level_accuracy([["g1", "d"], ["g1", "c"]], ["d", "d"], small)
     assert acc == [1.0, 0.5]
+
+
+def test_count_calibration_is_binned_into_at_most_ten_rows():
+    labels = np.array([[0, 0, 0, 0], [1, 1, 0, 2], [2, 2, 2, 2]])
+    cal = metrics.calibration(labels, np.array([0, 0, 1]), num_classes=3, k=4)
+    assert cal["count_bins"] == [(2, 2, 0.0, 1), (4, 4, 0.5, 2)]  # k <= 10: one count per row
+    rng = np.random.default_rng(5)
+    labels = np.where(rng.random((400, 100)) < 0.6, rng.integers(0, 3, (400, 1)), rng.integers(0, 3, (400, 100)))
+    truth = rng.integers(0, 3, 400)
+    cal = metrics.calibration(labels, truth, num_classes=3, k=100)
+    rows = cal["count_bins"]
+    assert len(rows) <= 10 and sum(n for *_, n in rows) == 400
+    for lo, hi, acc, n in rows:  # each row pools the per-count rows of its range
+        assert (hi - lo + 1, (lo - 1) % 10) == (10, 0)
+        pooled = [(a, m) for c, (a, m) in cal["count"].items() if lo <= c <= hi]
+        assert n == sum(m for _, m in pooled) > 0
+        assert acc == pytest.approx(sum(a * m for a, m in pooled) / n)
+
+
+def test_reliability_and_ece_by_hand():
+    conf = np.array([0.95, 0.85, 0.85, 0.62, 0.55, 0.3, 1.0])
+    correct = np.array([1, 1, 0, 1, 0, 0, 1], dtype=bool)
+    r = metrics.reliability(conf, correct)
+    # Bins of width 0.1: 0.3 opens bin 3, 1.0 closes bin 9.
+    assert r["count"].tolist() == [0, 0, 0, 1, 0, 1, 1, 0, 2, 2]
+    np.testing.assert_allclose(r["confidence"][[3, 5, 6, 8, 9]], [0.3, 0.55, 0.62, 0.85, 0.975])
+    np.testing.assert_allclose(r["accuracy"][[3, 5, 6, 8, 9]], [0.0, 0.0, 1.0, 0.5, 1.0])
+    assert np.isnan(r["accuracy"][[0, 1, 2, 4, 7]]).all()
+    # ECE = (1 * 0.3 + 1 * 0.55 + 1 * 0.38 + 2 * 0.35 + 2 * 0.025) / 7 = 1.98 / 7
+    assert r["ece"] == pytest.approx(1.98 / 7)
+    # Every tenth lands in the bin it opens (no float slip below the edge).
+    tenths = np.arange(11) / 10
+    assert metrics.reliability(tenths, np.ones(11, bool))["count"].tolist() == [1] * 9 + [2]
+    perfect = metrics.reliability([0.25, 0.25, 0.25, 0.25, 1.0], [True, False, False, False, True])
+    assert perfect["ece"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        metrics.reliability([1.2], [True])
+    with pytest.raises(ValueError, match="two \\(Q,\\) arrays"):
+        metrics.reliability([0.5, 0.5], [True])
+
+
+def test_risk_coverage_by_hand_with_tied_confidences():
+    conf = np.array([0.9, 0.5, 0.9, 0.7, 0.5, 0.2])
+    correct = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
+    rc = metrics.risk_coverage(conf, correct)
+    # Tied queries are answered together: 0.9 -> 2 answered (1 right), 0.7 -> 3 (2), 0.5 -> 5 (3), 0.2 -> 6 (3).
+    assert rc["threshold"].tolist() == [0.9, 0.7, 0.5, 0.2]
+    assert rc["answered"].tolist() == [2, 3, 5, 6]
+    np.testing.assert_allclose(rc["coverage"], [2 / 6, 3 / 6, 5 / 6, 1.0])
+    np.testing.assert_allclose(rc["accuracy"], [1 / 2, 2 / 3, 3 / 5, 1 / 2])
+    np.testing.assert_allclose(rc["risk"], 1 - rc["accuracy"])
+    at = metrics.accuracy_at_coverage(conf, correct, 0.9)  # needs 6 of 6 (5.4 rounded up)
+    assert at == {"target": 0.9, "threshold": 0.2, "coverage": 1.0, "accuracy": 0.5, "answered": 6}
+    at = metrics.accuracy_at_coverage(conf, correct, 0.8)  # needs 5: the tied 0.5 pair comes in together
+    assert (at["answered"], at["threshold"], at["accuracy"]) == (5, 0.5, 0.6)
+    assert metrics.accuracy_at_coverage(conf, correct, 0.6)["answered"] == 5  # 4 needed, ties give 5
+    # The order of the queries cannot change the curve.
+    perm = np.random.default_rng(0).permutation(6)
+    again = metrics.risk_coverage(conf[perm], correct[perm])
+    for key in rc:
+        np.testing.assert_array_equal(again[key], rc[key])
+    with pytest.raises(ValueError, match="coverage must be in"):
+        metrics.accuracy_at_coverage(conf, correct, 0.0)
+
+
+def test_risk_coverage_is_a_monotone_threshold_sweep():
+    rng = np.random.default_rng(9)
+    conf = rng.integers(0, 8, 500) / 7  # coarse: many ties
+    correct = rng.random(500) < conf  # more confident, more often right
+    rc = metrics.risk_coverage(conf, correct)
+    assert np.all(np.diff(rc["threshold"]) < 0) and np.all(np.diff(rc["coverage"]) > 0)
+    assert rc["coverage"][-1] == 1.0 and rc["accuracy"][-1] == correct.mean()
+    for t, cov, acc in zip(rc["threshold"], rc["coverage"], rc["accuracy"]):
+        answered = conf >= t  # what abstain_below=t answers
+        assert cov == answered.mean() and acc == pytest.approx(correct[answered].mean())
+    at = metrics.accuracy_at_coverage(conf, correct, 0.9)
+    assert at["coverage"] >= 0.9 and (conf > at["threshold"]).mean() < 0.9  # the smallest set covering 90%

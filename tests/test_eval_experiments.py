@@ -153,3 +153,65 @@ def test_unlearning_experiment_forgets_exactly():
     assert fig["forget_hits_before"] > 0 and fig["forget_hits_after"] == 0
     assert fig["equals_rebuilt"] is True
     assert "**yes**" in res["report"]
+
+
+def test_voting_experiments_take_the_tie_rule():
+    """Each voting experiment's figures are those of a direct vote under the rule asked for."""
+    from eval.experiments import common, unlearning
+    from memory import voting
+
+    memory, queries = _splits(seed=43, noise=1.3)  # overlapping clusters: tied plurality votes at k = 4
+    nb = common.neighbours(memory, queries.embeddings, 4 + 100, NAMES)
+    direct = {t: voting.predict(nb.labels, nb.sims, method="plurality", num_classes=6, k=4, ties=t)
+              for t in voting.TIES}
+    assert (direct["leader"] != direct["nearest"]).any()  # the rule matters on this data
+    leader_acc = float((direct["leader"] == queries.labels).mean())
+    pr = pruning.run(memory, queries, NAMES, k=4, self_k=4, hard_thresholds=(3,), ties="leader")
+    assert pr["figures"]["accuracy"]["none"]["plurality"] == leader_acc
+    assert "ties settled by the running leader" in pr["report"]
+    sc = scaling.run(memory, queries, NAMES, k=4, method="plurality", sizes=[12, 1200], ties="leader")
+    assert sc["figures"]["error_percent"][-1] == pytest.approx(100 * (1 - leader_acc))
+    un = unlearning.run(memory, queries, NAMES, forget_fraction=0.1, k=4, method="plurality", num_shards=2,
+                        ties="leader")
+    assert un["figures"]["accuracy_before"] == leader_acc
+    assert un["figures"]["equals_rebuilt"] is True
+    # new-classes: "after" (every class in memory) is the direct vote, on the old classes' queries.
+    nc = new_classes.run(memory, queries, NAMES, ["c5"], k=4, method="plurality", ties="leader")
+    old = queries.labels != 5
+    assert nc["figures"]["old_after"] == pytest.approx(float((direct["leader"][old] == queries.labels[old]).mean()))
+    for run, kw in ((pruning.run, {}), (scaling.run, {"sizes": [12]}), (unlearning.run, {}),
+                    (new_classes.run, {"new_classes": ["c5"]})):
+        with pytest.raises(ValueError, match="unknown tie rule 'foo'"):
+            run(memory, queries, NAMES, ties="foo", **kw)
+
+
+def test_the_ties_option_of_eval_and_experiment(tmp_path, capsys):
+    import json
+
+    from cli.main import main
+    from memory import schema, write_memory
+
+    memory, queries = _splits(seed=43, noise=1.3)
+    schema.write_embeddings(str(tmp_path / "m.parquet"),
+                            schema.embedding_table(memory.ids, memory.embeddings, memory.labels))
+    schema.write_embeddings(str(tmp_path / "q.parquet"),
+                            schema.embedding_table(queries.ids, queries.embeddings, queries.labels))
+    args = [str(tmp_path / "m.parquet"), str(tmp_path / "q.parquet"), "--class-names", ",".join(NAMES), "--k", "4"]
+    assert main(["experiment", "pruning", *args, "--out", str(tmp_path / "x"), "--thresholds", "3",
+                 "--ties", "leader"]) == 0
+    assert "ties settled by the running leader" in (tmp_path / "x" / "report-pruning.md").read_text()
+    leader = json.loads((tmp_path / "x" / "pruning.json").read_text())["accuracy"]["none"]["plurality"]
+    assert main(["experiment", "pruning", *args, "--out", str(tmp_path / "y"), "--thresholds", "3"]) == 0
+    assert "running leader" not in (tmp_path / "y" / "report-pruning.md").read_text()
+    nearest = json.loads((tmp_path / "y" / "pruning.json").read_text())["accuracy"]["none"]["plurality"]
+    assert leader != nearest  # the option reached the vote (tied plurality votes at k = 4 on this data)
+    write_memory(str(tmp_path / "mem"), memory.embeddings, memory.labels, memory.ids, class_names=NAMES)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "mem"), str(tmp_path / "q.parquet"), "--out", str(tmp_path / "e"),
+                 "--k-max", "8", "--ties", "leader"]) == 0
+    assert json.loads(capsys.readouterr().out)["ties"] == "leader"
+    for verb in (["eval", str(tmp_path / "mem"), str(tmp_path / "q.parquet"), "--out", str(tmp_path / "f")],
+                 ["experiment", "scaling", *args, "--out", str(tmp_path / "f")]):
+        with pytest.raises(SystemExit) as exc:
+            main([*verb, "--ties", "foo"])
+        assert exc.value.code == 2 and "--ties: invalid choice: 'foo'" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from eval.evaluate import SWEEPS
 SERIES_COLOURS = [to_rgb(c) for c in matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]]
 EVAL_PLOT_SERIES = {"accuracy_by_k.png": 4, "hit_rate.png": 1, "reliability.png": 1, "calibration.png": 1,
                     "distances.png": 1, "sweeps.png": 2}  # lines in matplotlib's colour cycle per figure
+CONFIDENCE_PLOT_SERIES = {"reliability_diagram.png": 4, "risk_coverage.png": 4}  # one line per voting rule
 
 
 def assert_plotted(path, empty, series: int = 1, min_pixels: int = 100):
@@ -53,6 +54,33 @@ def empty_eval_plots(out_dir, k_max: int) -> str:
                            hit=nan, rel=nan, rel_fit=(np.nan, np.nan), cal={"count": {}}, dist_in=nan,
                            dist_ood=None, sweeps={m: {v: nan for v in values} for m, (_, values) in SWEEPS.items()})
     return str(out_dir)
+
+
+def empty_confidence_plots(out_dir) -> str:
+    """The confidence figures (``eval.calibration``) drawn from no data, every rule with empty bins and curve."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nan = np.full(10, np.nan)
+    empty = {"k": 1, "reliability": {"count": np.zeros(10, int), "confidence": nan, "accuracy": nan, "ece": np.nan},
+             "risk_coverage": {"coverage": np.array([]), "accuracy": np.array([])}}
+    plots.write_confidence_plots(str(out_dir), {m: empty for m in ("plurality", "rank", "softmax", "distance")})
+    return str(out_dir)
+
+
+def test_the_confidence_plots_show_each_rule(tmp_path):
+    empty = empty_confidence_plots(tmp_path / "empty")
+    for name, series in CONFIDENCE_PLOT_SERIES.items():
+        with pytest.raises(AssertionError, match="when drawn from no data"):
+            assert_plotted(f"{empty}/{name}", f"{empty}/{name}", series)
+    (tmp_path / "one").mkdir()
+    drawn = {"k": 5, "reliability": {"count": np.array([0] * 5 + [3, 4, 5, 6, 9]),
+                                     "confidence": np.r_[[np.nan] * 5, np.linspace(0.55, 0.95, 5)],
+                                     "accuracy": np.r_[[np.nan] * 5, np.linspace(0.4, 1.0, 5)], "ece": 0.05},
+             "risk_coverage": {"coverage": np.linspace(0.1, 1.0, 10), "accuracy": np.linspace(1.0, 0.8, 10)}}
+    plots.write_confidence_plots(str(tmp_path / "one"), {"rank": drawn})
+    for name in CONFIDENCE_PLOT_SERIES:
+        assert_plotted(tmp_path / "one" / name, f"{empty}/{name}", series=1)
+        with pytest.raises(AssertionError, match="covers"):
+            assert_plotted(tmp_path / "one" / name, f"{empty}/{name}", series=2)
 
 
 def test_the_check_fails_blank_and_empty_plots_and_passes_drawn_ones(tmp_path):

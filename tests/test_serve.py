@@ -89,12 +89,45 @@ def test_classify_and_neighbours_equal_the_memory_itself(served):
     assert info["admin_enabled"] is True and info["limits"]["max_batch"] == 32
 
 
+def test_classify_answers_confidence_and_abstains_below_the_threshold(served):
+    q = np.random.default_rng(8).standard_normal((12, DIM))  # between the clusters: split votes
+    with Memory.open(served.root) as mem:
+        want = mem.classify(q, k=7, method="plurality", ties="leader", abstain_below=0.8)
+        voted = mem.classify(q, k=7, method="plurality", ties="leader")
+    assert 0 < want.abstained.sum() < len(q)  # some answer, some abstain
+    with VismemClient(served.url) as c:
+        res = c.classify(q, k=7, method="plurality", ties="leader", abstain_below=0.8, neighbours=False)
+        plain = c.classify(q, k=7, method="plurality", ties="leader", neighbours=False)
+    assert res["ties"] == "leader"
+    assert [r["label_index"] for r in res["results"]] == want.predictions.tolist()
+    assert [r["abstained"] for r in res["results"]] == want.abstained.tolist()
+    assert [r["confidence"] for r in res["results"]] == want.confidence.tolist()
+    for r, p in zip(plain["results"], voted.predictions):
+        # The share of 7 plurality votes, from the response's own scores.
+        assert r["confidence"] == pytest.approx(r["scores"][CLASSES[p]] / 7) and not r["abstained"]
+        assert r["confidence"] == pytest.approx(max(r["scores"].values()) / sum(r["scores"].values()))
+    for r, p in zip(res["results"], plain["results"]):
+        assert r["abstained"] == (p["confidence"] < 0.8)
+        assert (r.get("label"), r["label_index"]) == ((None, -1) if r["abstained"] else (p["label"], p["label_index"]))
+    row = [0.1] * DIM
+    for bad, words in (({"abstain_below": 1.5}, "abstain_below: Input should be less than or equal to 1"),
+                       ({"abstain_below": -0.1}, "abstain_below: Input should be greater than or equal to 0"),
+                       ({"abstain_below": "0.5"}, "abstain_below"), ({"ties": "first"}, "ties")):
+        r = _post(served.url, "/v1/classify", {"embeddings": [row], **bad})
+        assert r.status_code == 422 and words in r.json()["error"], (bad, r.text)
+
+
 def test_openapi_schema_is_published(served):
     schema = httpx.get(served.url + "/openapi.json").json()
     assert {"/v1/classify", "/v1/neighbors", "/v1/health", "/v1/info", "/v1/admin/items",
             "/v1/admin/remove"} <= set(schema["paths"])
     body = schema["components"]["schemas"]["ClassifyQuery"]["properties"]
     assert set(body["method"]["enum"]) == {"plurality", "distance", "softmax", "rank"}
+    assert set(body["ties"]["enum"]) == {"nearest", "leader"}
+    limits = body["abstain_below"]["anyOf"][0]
+    assert (limits["minimum"], limits["maximum"]) == (0, 1)
+    decision = schema["components"]["schemas"]["Decision"]
+    assert {"confidence", "abstained"} <= set(decision["required"])
 
 
 def _post(url, path, payload=None, content=None, headers=None):

@@ -67,6 +67,13 @@ class ClassifyQuery(Query):
     alpha: float = Field(2.0, ge=1e-6, le=1e6, description="rank voting: w = 1 / (alpha + rank)")
     tau: float = Field(0.07, ge=1e-6, le=1e6, description="softmax voting temperature")
     xi: float = Field(1.0, ge=1e-6, le=1e6, description="distance voting exponent")
+    ties: Literal[tuple(voting.TIES)] = Field(  # type: ignore[valid-type]
+        "nearest", description="how a tied top score is settled: nearest (the tied class whose best-ranked "
+        "neighbour is nearest wins) or leader (the paper's released code: the tied class that reached the top "
+        "score first keeps it)")
+    abstain_below: float | None = Field(
+        None, ge=0.0, le=1.0, description="answer no label (label null, label_index -1, abstained true) when the "
+        "voted class's share of the vote is below this confidence, a number in [0, 1] (default: always answer)")
     use_weights: bool = Field(True, description="apply the items' vote multipliers (soft pruning)")
     neighbours: bool = Field(True, description="include the neighbours behind each decision")
 
@@ -87,12 +94,16 @@ class Decision(BaseModel):
     label: str | None = Field(description="predicted class name (null when no neighbour could vote)")
     label_index: int
     scores: dict[str, float] = Field(description="the voting rule's score per class")
+    confidence: float = Field(description="the voted class's share of the vote: its score over the sum of every "
+                                          "class's score (0 when no neighbour could vote)")
+    abstained: bool = Field(description="true when the confidence was below abstain_below: no label is given")
     neighbours: list[Neighbour] | None = None
 
 
 class ClassifyResponse(BaseModel):
     version: int
     method: str
+    ties: str
     k: int
     results: list[Decision]
 

@@ -55,16 +55,18 @@ def classify(body: ClassifyQuery, ctx: ServingDep):
     with ctx.served.use() as mem:
         q = query_matrix(body, ctx, mem)
         res = _search(mem.classify, q, body.k, body.method, use_weights=body.use_weights,
-                      alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards)
+                      alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards, ties=body.ties,
+                      abstain_below=body.abstain_below)
         names = mem.class_names
         results = []
         for i, p in enumerate(res.predictions):
             results.append({
                 "label": names[p] if p >= 0 else None, "label_index": int(p),
                 "scores": {names[c]: float(res.scores[i, c]) for c in range(len(names))},
+                "confidence": float(res.confidence[i]), "abstained": bool(res.abstained[i]),
                 "neighbours": neighbour_rows(res.neighbours, names, i) if body.neighbours else None,
             })
-        return {"version": mem.version, "method": body.method, "k": body.k, "results": results}
+        return {"version": mem.version, "method": body.method, "ties": body.ties, "k": body.k, "results": results}
 
 
 def query_matrix(body: Query, ctx: Serving, mem: Memory) -> np.ndarray:

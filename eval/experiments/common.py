@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 
-from memory import schema
+from memory import schema, voting
 from memory.memory import Memory, write_memory
 
 
@@ -36,6 +36,14 @@ def neighbours(memory: Split, queries: np.ndarray, k: int, class_names, *, num_s
                      class_names=class_names)
         with Memory.open(path, verify=False) as mem:
             return mem.search(queries, min(k, len(memory)))
+
+
+def tie_note(ties: str) -> str:
+    """What a report adds when a tie rule other than the default settled the votes."""
+    voting.check_ties(ties)
+    if ties == "nearest":
+        return ""
+    return "; ties settled by the running leader (`--ties leader`, the released code's rule)"
 
 
 def table(header, rows) -> list:

@@ -4,18 +4,19 @@ from __future__ import annotations
 import numpy as np
 
 from eval import pruning
-from eval.experiments.common import Split, neighbours, table
+from eval.experiments.common import Split, neighbours, table, tie_note
 from memory import voting
 
 
 def run(memory: Split, queries: Split, class_names, *, k: int = 10, self_k: int = 10,
-        hard_thresholds=(2, 4, 8, 16), over_fetch: int = 100) -> dict:
+        hard_thresholds=(2, 4, 8, 16), over_fetch: int = 100, ties: str = "nearest") -> dict:
     """Accuracy of each rule with no pruning, hard pruning at each threshold, and soft pruning.
 
     ``self_k`` neighbours per self-query count towards each item's wrong contributions ``v``. Hard
     pruning marks pruned neighbours excluded, so later ones move up; ``over_fetch`` extra
-    neighbours are retrieved so that k remain.
+    neighbours are retrieved so that k remain. ``ties`` settles tied votes (``memory.voting.TIES``).
     """
+    note = tie_note(ties)
     num_classes = len(class_names)
     self_nb = neighbours(memory, memory.embeddings, self_k + 1, class_names)
     v = pruning.wrong_contributions(memory.ids, memory.labels, self_nb.ids, self_nb.labels, memory.ids, k=self_k)
@@ -31,14 +32,15 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, self_k: int 
             pruning.hard_keep(v_nb, threshold), nb.labels, voting.EXCLUDED)
         accs = {}
         for method in voting.METHODS:
-            pred = voting.predict(labels, nb.sims, method=method, num_classes=num_classes, k=k, weights=weights)
+            pred = voting.predict(labels, nb.sims, method=method, num_classes=num_classes, k=k, weights=weights,
+                                  ties=ties)
             accs[method] = float((pred == queries.labels).mean())
         pruned = 0 if threshold is None else int((~pruning.hard_keep(v, threshold)).sum())
         figures["accuracy"][name] = {**accs, "items_pruned": pruned}
         rows.append([name, pruned, *(f"{100 * accs[m]:.2f}" for m in voting.METHODS)])
     lines = ["## Memory pruning (section 3.5, Table 3)", "",
              f"Self-query of the {len(memory)} memory items at K = {self_k} (self-match left out) counts each "
-             f"item's wrong contributions v; {int((v > 0).sum())} items have v > 0. Accuracy (%) at k = {k}:", ""]
+             f"item's wrong contributions v; {int((v > 0).sum())} items have v > 0. Accuracy (%) at k = {k}{note}:", ""]
     lines += table(["pruning", "items removed", *voting.METHODS], rows)
     none, soft = figures["accuracy"]["none"], figures["accuracy"]["soft"]
     best_hard = max((figures["accuracy"][n] for n, t, _ in settings if t), key=lambda a: a["rank"])

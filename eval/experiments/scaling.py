@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from eval import scaling
-from eval.experiments.common import Split, neighbours, table
+from eval.experiments.common import Split, neighbours, table, tie_note
 from memory import voting
 
 
@@ -15,11 +15,13 @@ def nested_sizes(n_total: int, num_classes: int, steps: int = 6) -> list:
 
 
 def run(memory: Split, queries: Split, class_names, *, k: int = 10, method: str = "rank", seed: int = 0,
-        sizes=None, label: str = "encoder") -> dict:
+        sizes=None, label: str = "encoder", ties: str = "nearest") -> dict:
     """Error (%) of ``method`` at ``k`` for nested subsets of ``memory``; fit of the Appendix E law.
 
-    Subsets are nested (each contains the previous) and start with one item per class.
+    Subsets are nested (each contains the previous) and start with one item per class; ``ties``
+    settles tied votes (``memory.voting.TIES``).
     """
+    note = tie_note(ties)
     rng = np.random.default_rng(seed)
     num_classes = len(class_names)
     first = [rng.choice(np.flatnonzero(memory.labels == c)) for c in range(num_classes)
@@ -30,12 +32,12 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, method: str 
     errors = []
     for m in sizes:
         nb = neighbours(memory.take(order[:m]), queries.embeddings, k, class_names)
-        pred = voting.predict(nb.labels, nb.sims, method=method, num_classes=num_classes, k=min(k, m))
+        pred = voting.predict(nb.labels, nb.sims, method=method, num_classes=num_classes, k=min(k, m), ties=ties)
         errors.append(100.0 * float((pred != queries.labels).mean()))
     fit_sizes = [s for s, e in zip(sizes, errors) if e > 0]
     fit_errors = [e for e in errors if e > 0]
     lines = [f"## Memory-size scaling ({label}; Appendix E)", "",
-             f"Top-1 error of {method} voting at k = {k} on nested random subsets of the memory:", ""]
+             f"Top-1 error of {method} voting at k = {k}{note} on nested random subsets of the memory:", ""]
     figures = {"sizes": sizes, "error_percent": errors}
     if len(fit_sizes) < 2:
         lines += table(["memory size M", "error %"], [[s, f"{e:.2f}"] for s, e in zip(sizes, errors)])
@@ -58,7 +60,7 @@ def run(memory: Split, queries: Split, class_names, *, k: int = 10, method: str 
 
 
 def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "rank", seed: int = 0,
-                     steps: int = 6) -> dict:
+                     steps: int = 6, ties: str = "nearest") -> dict:
     """The compute-memory trade-off (section 3.3): the scaling curve of each encoder on the same images.
 
     Args:
@@ -74,14 +76,16 @@ def compare_encoders(series: dict, class_names, *, k: int = 10, method: str = "r
         raise ValueError(f"comparing encoders needs two or more series, got {len(series)}")
     series, n_items, n_queries = _aligned(series)
     sizes = nested_sizes(n_items, len(class_names), steps)
-    runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name)["figures"]
+    runs = {name: run(mem, q, class_names, k=k, method=method, seed=seed, sizes=sizes, label=name,
+                      ties=ties)["figures"]
             for name, (mem, q, _) in series.items()}
     costs = {name: dict(cost or {}) for name, (_, _, cost) in series.items()}
     full_error = {name: runs[name]["error_percent"][-1] for name in series}
     order = sorted(series, key=lambda n: -full_error[n])  # weakest first
     header = ["encoder", "params (M)", "images/s (encoder alone)", *(f"M = {m}" for m in sizes), "a", "b", "R^2"]
     lines = ["## Memory-size scaling by encoder (compute against memory, section 3.3)", "",
-             f"Top-1 error (%) of {method} voting at k = {k} on the same nested random subsets of the same images, "
+             f"Top-1 error (%) of {method} voting at k = {k}{tie_note(ties)} on the same nested random subsets of "
+             "the same images, "
              f"embedded by each encoder ({n_items} memory items and {n_queries} queries that every encoder embedded); "
              "fit `log10(e) = a * log10(log10(M)) + b` per encoder:", ""]
     lines += table(header, [_encoder_row(name, runs[name], costs[name]) for name in order])
