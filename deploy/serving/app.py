@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.serving import admin, openapi, queries
+from deploy.serving import admin, items, openapi, queries
 from deploy.serving.admin import DEFAULT_ADD_BEAM_ARGS, MIN_TOKEN_CHARS, read_admin_token
 from deploy.serving.dependencies import Serving
 from deploy.serving.encoding import EncoderBox
@@ -66,6 +66,7 @@ def create_app(memory_path: str, *, version: int | None = None, encoder: str | N
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(queries.router)
+    app.include_router(items.router)
     app.include_router(admin.router)
     openapi.install(app, limits=limits, images=enc is not None, **facts)
     return app
