@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*", "demo*", "cli*"]),
-    package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"]},
+    package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"],
+                  "deploy": ["serving/static/*.html", "serving/static/*.js", "serving/static/*.css"]},
     install_requires=[
         "numpy>=1.24",
         # The CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.

@@ -1,11 +1,15 @@
-"""``vismem serve``'s item routes over real HTTP: ``/v1/items/{id}`` and its image.
+"""``vismem serve``'s page files and item routes over real HTTP: ``GET /``, ``/v1/items/{id}`` and its image.
 
 The memory's items come from every source kind ``memory.uris`` knows (an IDX row, image files, a
 WebDataset tar, a Parquet file) plus items whose image cannot be had (no uri, a missing file, a file
-that is not an image), so every answer of the image route is seen once.
+that is not an image), so every answer of the image route is seen once. No browser here: the page
+itself is driven in Chromium by ``test_serve_page.py``.
 """
+import ast
+import fnmatch
 import gc
 import io
+import os
 import tarfile
 
 import httpx
@@ -21,6 +25,7 @@ from memory import uris, write_memory
 from memory.idx import write_idx
 from test_serve import Running
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "items-token-0123456789abc"
 DIM = 8
 
@@ -135,3 +140,26 @@ def test_a_removed_item_and_its_image_are_gone(server):
     # The lookup built for version 1 went with it: nothing keeps a retired version's index alive.
     gc.collect()
     assert sorted(m.version for m in list(items._indices) if m.root == server.root) == [2]
+
+
+def test_the_page_is_served_and_ships_with_the_package(server):
+    r = _get(server, "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for words in ('<label for="image-file"', '<label for="item-id"', '<label for="method"', '<label for="k"',
+                  '<label for="ties"', '<label for="admin-token"', 'id="neighbours"', 'role="alert"',
+                  '<script src="page.js" defer></script>', 'href="page.css"'):
+        assert words in page, words
+    assert "http" not in page.replace('http-equiv', '')  # nothing from another host
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    for name, kind in (("page.js", "text/javascript"), ("page.css", "text/css")):
+        r = _get(server, "/" + name)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.content) > 500
+    assert "/" not in _get(server, "/openapi.json").json()["paths"]  # the API schema stays the API's
+    # setup.py's package_data ships every static file (a non-editable install has no source tree).
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))["deploy"]
+    static = os.path.join(ROOT, "deploy", "serving", "static")
+    for name in os.listdir(static):
+        assert any(fnmatch.fnmatch(f"serving/static/{name}", g) for g in data), name

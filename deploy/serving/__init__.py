@@ -3,6 +3,7 @@
 ``create_app(memory_path, ...)`` returns a FastAPI app; ``vismem serve`` runs it with uvicorn on
 127.0.0.1 unless told otherwise. Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
+    GET  /                     the page: classify an upload or an item, see why, vote again, remove    page.py
     GET  /v1/health            liveness + the version being served               queries.py
     GET  /v1/info              version, live item count, dimension, classes, shards, limits
     POST /v1/classify          embeddings (or base64 images with --encoder) -> label, scores, neighbours
