@@ -16,12 +16,15 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Real data (Fashion-MNIST) and headless Chromium for the interpretability page, from Debian's packages.
-data: $(FMNIST) /usr/bin/chromium
+# Real data (Fashion-MNIST), headless Chromium for the interpretability page and chromedriver for the
+# browser test of vismem serve's page (Selenium), from Debian's packages.
+data: $(FMNIST) /usr/bin/chromium /usr/bin/chromedriver
 $(FMNIST):
 	(apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)) >/dev/null
 /usr/bin/chromium:
 	(apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) >/dev/null
+/usr/bin/chromedriver:
+	(apt-get install -y chromium-driver || (apt-get update && apt-get install -y chromium-driver)) >/dev/null
 
 demo: install data
 	$(BIN)/vismem demo --out demo-out

@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["memory*", "pipelines*", "eval*", "deploy*", "demo*", "cli*"]),
-    package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"]},
+    package_data={"pipelines": ["label_maps/*.json"], "eval": ["trees/*.json"],
+                  "deploy": ["serving/static/*.html", "serving/static/*.js", "serving/static/*.css"]},
     install_requires=[
         "numpy>=1.24",
         # The CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
@@ -46,8 +47,10 @@ setup(
     ],
     extras_require={
         # import-linter: the layer contracts in .importlinter, checked by `make test`; schemathesis fuzzes
-        # the HTTP API from its OpenAPI schema (tests/test_serve_fuzz.py uses its 4.x engine API).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8", "import-linter>=2.1", "schemathesis>=4.32,<5"],
+        # the HTTP API from its OpenAPI schema (tests/test_serve_fuzz.py uses its 4.x engine API); selenium
+        # drives the serve page in Debian's chromium with its chromedriver (tests/test_serve_page.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8", "import-linter>=2.1",
+                 "schemathesis>=4.32,<5", "selenium>=4.11"],
         # Baselines the search benchmark compares against.
         "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8"],
     },

@@ -3,10 +3,13 @@
 ``create_app(memory_path, ...)`` returns a FastAPI app; ``vismem serve`` runs it with uvicorn on
 127.0.0.1 unless told otherwise. Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
+    GET  /                     the page: classify an upload or an item, see why, vote again, remove    page.py
     GET  /v1/health            liveness + the version being served               queries.py
     GET  /v1/info              version, live item count, dimension, classes, shards, limits
     POST /v1/classify          embeddings (or base64 images with --encoder) -> label, scores, neighbours
     POST /v1/neighbors         embeddings (or images) -> the k nearest items
+    GET  /v1/items/{id}        a live item: label, provenance, stored embedding         items.py
+    GET  /v1/items/{id}/image  its image, from its provenance uri (any source kind); 404 says why not
     POST /v1/admin/items       add items (a Beam ``add`` publishing a new version)      bearer token, admin.py
     POST /v1/admin/remove      remove items (unlearning; a new version, durable at once)  bearer token
 

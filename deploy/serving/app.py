@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.serving import admin, openapi, queries
+from deploy.serving import admin, items, openapi, page, queries
 from deploy.serving.admin import DEFAULT_ADD_BEAM_ARGS, MIN_TOKEN_CHARS, read_admin_token
 from deploy.serving.dependencies import Serving
 from deploy.serving.encoding import EncoderBox
@@ -66,7 +66,9 @@ def create_app(memory_path: str, *, version: int | None = None, encoder: str | N
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(queries.router)
+    app.include_router(items.router)
     app.include_router(admin.router)
+    app.include_router(page.router)
     openapi.install(app, limits=limits, images=enc is not None, **facts)
     return app
 
@@ -136,8 +138,8 @@ def serve(memory_path: str, *, host: str = "127.0.0.1", port: int = 8000, allow_
     sock = listen_socket(host, port)  # before the memory loads: a taken port fails in a second
     try:
         app = create_app(memory_path, admin_token=token, **app_kwargs)
-        log.info("serving %s version %d on http://%s:%d (admin %s)", memory_path,
-                 app.state.serving.served.version, host, port, "enabled" if token else "disabled")
+        log.info("serving %s version %d on http://%s:%d (admin %s); the page: http://%s:%d/", memory_path,
+                 app.state.serving.served.version, host, port, "enabled" if token else "disabled", host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -46,6 +46,11 @@ BODY = {
 }
 QUERY = {409: _doc("the memory cannot answer: it has no live item, or a declared encoder differs from the "
                    "memory's (both named)")}
+ITEM = {
+    404: _doc("no live item has this id in the served version (never added, or removed), or the item has no "
+              "image that can be read and shown (the reason is named)"),
+    422: _doc("a query parameter out of range"),
+}
 ADMIN = {
     401: _doc("no or a wrong 'Authorization: Bearer TOKEN' header", _BEARER),
     403: _doc("admin endpoints are disabled: the server has no admin token"),

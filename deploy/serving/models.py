@@ -136,6 +136,23 @@ class RemoveRequest(BaseModel):
     reason: str | None = None
 
 
+class StoredItem(BaseModel):
+    """One live item of the served version (``GET /v1/items/{id}``)."""
+
+    id: str
+    version: int = Field(description="the version that answered")
+    label: int
+    label_name: str | None
+    weight: float = Field(description="the item's vote multiplier (soft pruning; 1 unless pruned)")
+    label_source: str | None = Field(description="human or teacher")
+    confidence: float | None = Field(description="the teacher's probability of the label (1 for human labels)")
+    source: str | None = Field(description="the data set the item came from")
+    uri: str | None = Field(description="where its image came from (memory.uris)")
+    has_image: bool = Field(description="the item names an image: GET /v1/items/{id}/image serves it if it "
+                                        "can be read")
+    embedding: list[float] = Field(description="the stored vector (decoded, unit norm), e.g. to classify the item")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: int
