@@ -62,6 +62,8 @@ def parse_args(argv):
                     help="candidates reordered exactly, to sweep")
     ap.add_argument("--hashed", action="store_true",
                     help="also sweep a hash-partitioned memory of --shards shards (every shard searched)")
+    ap.add_argument("--hashed-leaves", type=int, default=None,
+                    help="leaves of each hashed shard's tree (default: about sqrt of its items)")
     ap.add_argument("--target", type=float, default=0.99, help="recall@10 target")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per setting (best counts)")
     add_beam_args(ap)
@@ -82,6 +84,10 @@ def true_neighbours(x, q):
     return np.asarray(brute.search_batched_parallel(q, 10)[0])
 
 
+def hashed_path(work, args):
+    return os.path.join(work, f"hashed-{args.shards}" + (f"-leaves{args.hashed_leaves}" if args.hashed_leaves else ""))
+
+
 def build_memories(args, work, x, labels, ids):
     """The unsharded memory and one k-means memory per cell count, each unless already in ``work``;
     returns the build seconds of those built."""
@@ -96,11 +102,11 @@ def build_memories(args, work, x, labels, ids):
         t = time.perf_counter()
         write_memory(one, x, labels, ids, num_shards=1, backend="scann", class_names=classes)
         build_s["unsharded"] = time.perf_counter() - t
-    hashed = os.path.join(work, f"hashed-{args.shards}")
+    hashed = hashed_path(work, args)
     if args.hashed and not os.path.isdir(hashed):
         t = time.perf_counter()  # the sweep sets leaves and reorder: no tuning needed
         write_memory(hashed, x, labels, ids, num_shards=args.shards, backend="scann", class_names=classes,
-                     target_recall=None)
+                     target_recall=None, backend_params={"num_leaves": args.hashed_leaves})
         build_s["hashed"] = time.perf_counter() - t
     for c in args.cells:
         path = os.path.join(work, f"kmeans-{c}")
@@ -225,7 +231,7 @@ def main(argv=None):
         one = stack.enter_context(Memory.open(os.path.join(work, "one")))
         searchers = unsharded_searchers(one, ids)
         if args.hashed:
-            hashed = stack.enter_context(Memory.open(os.path.join(work, f"hashed-{args.shards}")))
+            hashed = stack.enter_context(Memory.open(hashed_path(work, args)))
             searchers[f"hashed {args.shards} shards, all searched"] = \
                 lambda qq, s: hashed.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"]).ids
         for c in args.cells:
