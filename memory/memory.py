@@ -16,6 +16,7 @@ from memory import manifest as mf
 from memory.backends import BACKENDS
 from memory.columns import ItemColumns
 from memory.fanout import ThreadFanout
+from memory.filters import ItemFilter
 from memory.partition import Router, hash_partition
 from memory.items import ItemPolicy, normalise
 from memory.shard import DEFAULT_TARGET_RECALL, Shard, check_target_recall, write_shard
@@ -218,14 +219,16 @@ class Memory:
         return normalise(q, what="queries")
 
     def search(self, queries, k: int, *, leaves_to_search: int | None = None,
-               reorder: int | None = None, probe_shards: int | None = None) -> Neighbours:
+               reorder: int | None = None, probe_shards: int | None = None, where=None) -> Neighbours:
         """The global top-k neighbours of each query over all shards, best first.
 
         ``leaves_to_search`` and ``reorder`` override each ScaNN shard's build-time settings (trading
         recall for speed); the exact backend ignores them. ``probe_shards=P`` on a k-means
         partitioned memory searches each query only in the ``P`` partitions nearest to it, a
         partition's distance being that of its most similar k-means cell (all shards when ``P``
-        covers every partition).
+        covers every partition). ``where`` (a ``memory.filters.ItemFilter``) restricts the search to
+        the items it allows, inside each shard: each query still gets its k nearest allowed items
+        (padding only when fewer exist).
 
         Raises:
             ValueError: wrong dimension, NaN/inf or zero queries, k < 1, an empty memory, or
@@ -233,6 +236,10 @@ class Memory:
         """
         q = self._queries(queries, k)
         knobs = {key: v for key, v in (("leaves_to_search", leaves_to_search), ("reorder", reorder)) if v}
+        if where is not None:  # travels with the knobs to every shard, local or Ray-hosted
+            if not isinstance(where, ItemFilter):
+                raise ValueError(f"where must be a memory.filters.ItemFilter (ItemFilter.of / parse), got {where!r}")
+            knobs["where"] = where
         route = self._route(q, probe_shards)
         if route is None:
             sims, keys = self._search_all(q, k, knobs)
@@ -331,13 +338,14 @@ class Memory:
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
                  probe_shards: int | None = None, ties: str = "nearest",
-                 abstain_below: float | None = None) -> Classification:
+                 abstain_below: float | None = None, where=None) -> Classification:
         """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``).
 
         ``ties`` settles a tied top score (``nearest`` or ``leader``, ``memory.voting.TIES``). Each
         prediction carries its confidence, the voted class's share of the vote (``memory.confidence``);
         with ``abstain_below=C`` a prediction whose confidence is below C becomes -1, its reason
-        ``"abstained"``.
+        ``"abstained"``. ``where`` votes with the nearest items a ``memory.filters.ItemFilter`` allows
+        (:meth:`search`).
 
         Raises:
             ValueError: an unknown method or tie rule, ``abstain_below`` outside [0, 1], or bad queries
@@ -347,7 +355,7 @@ class Memory:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
         voting.check_ties(ties)
         confidence.check_abstain_below(abstain_below)
-        nb = self.search(queries, k, probe_shards=probe_shards)
+        nb = self.search(queries, k, probe_shards=probe_shards, where=where)
         kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
                   alpha=alpha, tau=tau, xi=xi, ties=ties)
         scores, voted = voting.vote_and_predict(nb.labels, nb.sims, **kw)

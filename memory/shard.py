@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,12 +21,14 @@ import pyarrow.parquet as pq
 from memory import quantize, schema, storage, tuning
 from memory.backends import (CODEBOOK_FILE, EMBEDDINGS_FILE, SCALES_FILE, backend, load_vectors, read_codebook,
                              save_vectors, storage_mode, vector_files)
+from memory.filters import FIELDS as FILTER_FIELDS
 from memory.items import ITEMS_FILE, normalise, read_items_at
 from memory.manifest import MemoryFormatError, ShardEntry
 from memory.storage import describe_dir, join, publish_dir  # write_shard's `storage` is the mode
 
 
 DEFAULT_TARGET_RECALL = 0.95
+MAX_CACHED_FILTERS = 8  # allowed-row masks a shard keeps (one bool per item each)
 
 
 def check_target_recall(target) -> float | None:
@@ -116,9 +120,10 @@ def read_local_vectors(local_dir: str, entry: ShardEntry) -> np.ndarray:
 class Shard:
     """A loaded shard: its index plus the item columns that travel with every neighbour."""
 
-    def __init__(self, entry: ShardEntry, local_dir: str):
+    def __init__(self, entry: ShardEntry, local_dir: str, root: str | None = None):
         self.entry = entry
         self.name = entry.name
+        self.root = root  # where the items table is read again for filters (None: from local_dir now)
         items = read_items_at(local_dir, ["id", "label", "weight"])
         self.ids = np.asarray(items.column("id").to_pylist(), dtype=object)
         self.labels = items.column("label").to_numpy().astype(np.int64)
@@ -131,6 +136,9 @@ class Shard:
             )
         self.removed = np.zeros(len(self.ids), dtype=bool)  # tombstoned rows (memory.removals)
         self.dead = 0
+        self._filter_columns = None if root is not None else self._read_filter_columns(local_dir)
+        self._masks = {}  # ItemFilter -> allowed rows, for the few filters a server sees
+        self._masks_lock = threading.Lock()  # a server's requests may filter the same shard at once
 
     def exclude(self, ids) -> int:
         """Remove items (by id, never by row) from this opened shard; returns how many are removed.
@@ -160,16 +168,64 @@ class Shard:
     def open(cls, root: str, entry: ShardEntry, *, verify: bool = True, cache_dir: str | None = None) -> "Shard":
         """Open the shard at ``root/entry.path``, checking that every file is there and intact."""
         with local_shard(root, entry, verify=verify, cache_dir=cache_dir) as local:
-            return cls(entry, local)
+            return cls(entry, local, root)
 
-    def search_rows(self, queries: np.ndarray, k: int, **knobs):
+    @staticmethod
+    def _read_filter_columns(shard_dir: str) -> dict:
+        """The filterable provenance columns as (values, codes): a few bytes per item, not a string each."""
+        table = read_items_at(shard_dir, FILTER_FIELDS)
+        out = {}
+        for field in FILTER_FIELDS:
+            values, codes = np.unique(np.asarray(table.column(field).to_pylist(), dtype=object).astype(str),
+                                      return_inverse=True)
+            out[field] = (values, codes.astype(np.min_scalar_type(max(len(values) - 1, 0))))
+        return out
+
+    def allowed_rows(self, where) -> np.ndarray | None:
+        """Rows a ``memory.filters.ItemFilter`` allows (None: no filter). The provenance columns are
+        read on the first filtered search only, so memories searched without filters pay nothing."""
+        if where is None:
+            return None
+        with self._masks_lock:
+            mask = self._masks.get(where)
+            if mask is None:
+                if self._filter_columns is None:
+                    self._filter_columns = self._read_filter_columns(join(self.root, self.entry.path))
+                mask = np.ones(len(self.ids), dtype=bool)
+                for field, (values, codes) in self._filter_columns.items():
+                    mask &= where.allowed_values(field, values)[codes]
+                if len(self._masks) >= MAX_CACHED_FILTERS:
+                    self._masks.pop(next(iter(self._masks)))
+                self._masks[where] = mask
+            return mask
+
+    def _widened(self, knobs: dict, allowed: np.ndarray) -> dict:
+        """A tree searches ``1/f`` times its leaves when a filter allows a share ``f`` of its live items:
+        allowed neighbours are that much sparser in every leaf (10% allowed on 6,000-item trees:
+        recall@10 0.89 without, against brute force over the allowed items)."""
+        params = getattr(self.index, "params", None) or {}
+        if self.entry.backend != "scann" or params.get("brute_force") or "num_leaves" not in params:
+            return knobs
+        live = self.live_count
+        share = int(np.count_nonzero(allowed & ~self.removed)) / live if live else 0.0
+        if share <= 0.0:
+            return knobs
+        base = int(knobs.get("leaves_to_search") or params.get("num_leaves_to_search") or 1)
+        return {**knobs, "leaves_to_search": min(int(params["num_leaves"]), math.ceil(base / share))}
+
+    def search_rows(self, queries: np.ndarray, k: int, where=None, **knobs):
         """``(sims (Q, k) float32, rows (Q, k) int64)`` of this shard's top-k live items, best first.
 
         Removed items never come back, and every query gets ``min(k, live items)`` of them: an
         index that deleted them (:meth:`exclude`) returns only live items itself; otherwise
-        :func:`search_live` asks the index for more, for the short queries only. Rows past the
-        live items are padding (``-inf``, -1). The memory gathers ids once, after its merge.
+        :func:`search_live` asks the index for more, for the short queries only. Items a filter
+        ``where`` (``memory.filters.ItemFilter``) refuses are skipped the same way, so k allowed
+        items come back. Rows past the live items are padding (``-inf``, -1). The memory gathers
+        ids once, after its merge.
         """
+        allowed = self.allowed_rows(where)
+        if allowed is not None:
+            return search_live(self.index, self.removed | ~allowed, queries, k, self._widened(knobs, allowed))
         if self.dead == 0 or hasattr(self.index, "delete_rows"):
             return self.index.search(queries, k, **knobs)
         return search_live(self.index, self.removed, queries, k, knobs)
