@@ -135,6 +135,22 @@ def add_ties(parser) -> None:
     parser.add_argument("--ties", choices=voting.TIES, default="nearest", help=TIES_HELP)
 
 
+def add_filters(parser) -> None:
+    """Add ``--include`` and ``--exclude`` (``memory.filters``) to a verb that searches."""
+    parser.add_argument("--include", action="append", default=[], metavar="FIELD=V[,V]",
+                        help="search only items whose provenance FIELD (label_source or source) is one of the "
+                        "values, e.g. --include label_source=human; repeatable (every one must hold)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="FIELD=V[,V]",
+                        help="never return items whose FIELD is one of the values, e.g. --exclude source=web")
+
+
+def item_filter(a):
+    """The ``memory.filters.ItemFilter`` of a verb's ``--include``/``--exclude`` (None without them)."""
+    from memory.filters import ItemFilter
+
+    return ItemFilter.parse(a.include, a.exclude)
+
+
 def output_file(path: str, option: str) -> str:
     """``path`` after checking it can be written as a file (memory.output_paths), for ``option``."""
     output_paths.check_file(path, option)

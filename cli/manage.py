@@ -1,7 +1,7 @@
 """``vismem query``, ``info``, ``remove``, ``versions`` and ``gc``: operations on a memory in place."""
 from __future__ import annotations
 
-from cli.common import add_ties, count, finite, fraction, positive
+from cli.common import add_filters, add_ties, count, finite, fraction, item_filter, positive
 from memory import voting
 
 
@@ -10,7 +10,7 @@ def _run_query(a) -> dict:
 
     return query_memory(a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
                         version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards,
-                        ties=a.ties, abstain_below=a.abstain_below)
+                        ties=a.ties, abstain_below=a.abstain_below, where=item_filter(a))
 
 
 def _run_info(a) -> dict:
@@ -64,6 +64,7 @@ def add_query(sub) -> None:
     q.add_argument("--batch-size", type=count, default=4096, help="queries per search batch")
     q.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in the P shards holding its most similar k-means cells")
+    add_filters(q)
     q.add_argument("--out", default=None,
                    help="write predictions + neighbours to this Parquet file (a file path, not a folder)")
     q.set_defaults(func=_run_query)

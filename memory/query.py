@@ -18,8 +18,11 @@ SLOTS_PER_BATCH = 1 << 22
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None,
-                 ties: str = "nearest", abstain_below: float | None = None) -> dict:
+                 ties: str = "nearest", abstain_below: float | None = None, where=None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
+
+    ``where`` (``memory.filters.ItemFilter``) votes with the nearest items it allows only; the
+    summary names it.
 
     Every prediction carries its confidence (``Memory.classify``: the voted class's share of the
     vote); with ``abstain_below`` those below it are -1 and flagged ``abstained``. When the query rows
@@ -51,7 +54,7 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
         for start in tqdm(range(0, n, step), desc="query", unit="batch", disable=n <= step):
             res = mem.classify(queries["embeddings"][start:start + step], k, method,
                                alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards, ties=ties,
-                               abstain_below=abstain_below)
+                               abstain_below=abstain_below, where=where)
             preds[start:start + step] = res.predictions
             conf[start:start + step] = res.confidence
             abstained[start:start + step] = res.abstained
@@ -62,6 +65,8 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
         names = mem.class_names
         summary = {"memory": memory_path, "version": mem.version, "queries": n, "k": k, "method": method,
                    "ties": ties, "mean_confidence": float(conf.mean())}
+        if where is not None:
+            summary["filter"] = where.to_json()
     if abstain_below is not None:
         summary.update(abstain_below=abstain_below, abstained=int(abstained.sum()))
     labels = queries["labels"]

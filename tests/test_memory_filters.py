@@ -115,3 +115,14 @@ def test_filter_input_errors_name_the_problem():
     both = ItemFilter.parse(include=["source=a", "source=b,c"])
     assert both == ItemFilter.of(include={"source": ["c", "b", "a"]})  # a union, order-free, hashable
     assert both.to_json() == {"include": {"source": ["a", "b", "c"]}, "exclude": {}}
+
+
+def test_a_filter_that_allows_nothing_answers_padding_and_no_prediction(tmp_path, small):
+    x, labels, ids, prov, q = small
+    path = str(tmp_path / "m")
+    write_memory(path, x, labels, ids, num_shards=2, class_names=CLASSES, provenance=prov)
+    nothing = ItemFilter.of(include={"label_source": "human"}, exclude={"label_source": "human"})
+    with Memory.open(path) as mem:
+        res = mem.classify(q[:5], 7, "plurality", where=nothing)
+    assert (res.neighbours.ids == "").all() and (res.neighbours.labels == -1).all()
+    assert (res.predictions == -1).all() and (res.confidence == 0).all()

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from memory import voting
+from memory.schema import LABEL_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ def _whole(value):
 # before the validator: after it, pydantic writes it into the schema as "ge" instead of "minimum".)
 Whole = Annotated[int, BeforeValidator(_whole)]
 PositiveWhole = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class EncoderDescription(BaseModel):
@@ -43,6 +45,15 @@ class EncoderDescription(BaseModel):
     version: str | None = Field(None, description="of the encoder's weights")
     image_size: PositiveWhole | None = Field(None, description="input pixels per side")
     preprocessing: str | None = Field(None, description="e.g. rgb (x - 127) / 128")
+
+
+class ProvenanceFilter(BaseModel):
+    """Values per provenance field (``memory.filters``); a field left out is not filtered on."""
+
+    model_config = _STRICT
+    label_source: list[Literal[LABEL_SOURCES]] | None = Field(  # type: ignore[valid-type]
+        None, min_length=1, description="human or teacher (pseudo-labelled)")
+    source: list[NonEmpty] | None = Field(None, min_length=1, description="the items' source names")
 
 
 class Query(BaseModel):
@@ -58,6 +69,12 @@ class Query(BaseModel):
         None, description="k-means memories: search only the P shards nearest each query (default: all)")
     encoder: EncoderDescription | None = Field(
         None, description="the encoder behind the embeddings: a mismatch with the memory's is refused (409)")
+    include: ProvenanceFilter | None = Field(
+        None, description="search only items whose provenance has one of these values per field given, e.g. "
+        "{\"label_source\": [\"human\"]}; applied inside each shard, so k allowed neighbours come back",
+        examples=[{"label_source": ["human"]}])
+    exclude: ProvenanceFilter | None = Field(
+        None, description="never return items whose provenance has one of these values, e.g. {\"source\": [\"web\"]}")
 
 
 class ClassifyQuery(Query):
@@ -91,7 +108,8 @@ class NeighboursResponse(BaseModel):
 
 
 class Decision(BaseModel):
-    label: str | None = Field(description="predicted class name (null when no neighbour could vote)")
+    label: str | None = Field(None, description="predicted class name (left out when no neighbour could vote or "
+                              "the query abstained)")
     label_index: int
     scores: dict[str, float] = Field(description="the voting rule's score per class")
     confidence: float = Field(description="the voted class's share of the vote: its score over the sum of every "

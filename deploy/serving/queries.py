@@ -11,6 +11,7 @@ from deploy.serving.errors import BODY, COMMON, QUERY, error
 from deploy.serving.models import ClassifyQuery, ClassifyResponse, EncoderDescription, Health, Info, \
     NeighboursResponse, Query
 from memory.encoder_spec import EncoderSpec
+from memory.filters import ItemFilter
 from memory.memory import Memory
 
 router = APIRouter(prefix="/v1", responses=COMMON)
@@ -44,7 +45,7 @@ def info(ctx: ServingDep):
 def neighbors(body: Query, ctx: ServingDep):
     with ctx.served.use() as mem:
         q = query_matrix(body, ctx, mem)
-        nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards)
+        nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards, where=item_filter(body))
         names = mem.class_names
         return {"version": mem.version, "neighbours": [neighbour_rows(nb, names, i) for i in range(len(q))]}
 
@@ -56,7 +57,7 @@ def classify(body: ClassifyQuery, ctx: ServingDep):
         q = query_matrix(body, ctx, mem)
         res = _search(mem.classify, q, body.k, body.method, use_weights=body.use_weights,
                       alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards, ties=body.ties,
-                      abstain_below=body.abstain_below)
+                      abstain_below=body.abstain_below, where=item_filter(body))
         names = mem.class_names
         results = []
         for i, p in enumerate(res.predictions):
@@ -135,6 +136,15 @@ def neighbour_rows(nb, names, i) -> list[dict]:
              "label_name": names[nb.labels[i, j]] if 0 <= nb.labels[i, j] < len(names) else None,
              "sim": float(nb.sims[i, j])}
             for j in range(nb.ids.shape[1]) if nb.ids[i, j] != ""]
+
+
+def item_filter(body: Query) -> ItemFilter | None:
+    """The request's ``include``/``exclude`` as a ``memory.filters.ItemFilter``, or a 422 naming the problem."""
+    try:
+        return ItemFilter.of(*(None if side is None else side.model_dump(exclude_none=True)
+                               for side in (body.include, body.exclude)))
+    except ValueError as exc:
+        raise error(422, str(exc)) from exc
 
 
 def _search(fn, *args, **kwargs):
