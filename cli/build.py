@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli import terminal
 from cli.common import CLASS_NAMES_HELP, class_names, count, finite, non_negative_int, output_folder
 
 BEAM_HELP = (
@@ -43,26 +44,61 @@ def _norm_tolerance(v: float) -> float | None:
 def _run_build(a) -> dict:
     from pipelines.build import build_memory
 
+    term = terminal.current()
     output_folder(a.out, "the memory folder")
-    return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
-                        partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
-                        storage=a.storage, target_recall=a.target_recall, tuning_queries=a.tuning_queries,
-                        norm_tolerance=_norm_tolerance(a.norm_tolerance),
-                        dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
-                        pipeline_args=a.beam_args)
+    term.output_folder(a.out)
+    result = build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
+                          partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
+                          storage=a.storage, target_recall=a.target_recall, tuning_queries=a.tuning_queries,
+                          norm_tolerance=_norm_tolerance(a.norm_tolerance),
+                          dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
+                          pipeline_args=a.beam_args, progress=term)
+    _report(term, result, "built")
+    return result
 
 
 def _run_add(a) -> dict:
     from pipelines.build import add_to_memory
 
-    return add_to_memory(a.memory, a.embeddings, class_names=class_names(a.class_names), readmit=a.readmit,
-                         norm_tolerance=_norm_tolerance(a.norm_tolerance), pipeline_args=a.beam_args)
+    term = terminal.current()
+    term.output_folder(a.memory)
+    result = add_to_memory(a.memory, a.embeddings, class_names=class_names(a.class_names), readmit=a.readmit,
+                           norm_tolerance=_norm_tolerance(a.norm_tolerance), pipeline_args=a.beam_args,
+                           progress=term)
+    _report(term, result, "added to")
+    return result
+
+
+def _report(term, result: dict, done: str) -> None:
+    """The closing line of a build or add, and a warning line for rows that went to the dead letter."""
+    from pipelines.build_publish import rejected
+
+    dead = result.get("dead_letter") or {}
+    if not result.get("changed", True):
+        term.summary(f"nothing added to {result['memory']} (version {result['version']} is current): "
+                     f"{rejected(dead)}")
+        return
+    if dead.get("count"):
+        term.warn(rejected(dead))
+    shards = result.get("shards") or []
+    term.summary(f"{done} {result['memory']} version {result['version']}: {result['items_added']:,} items in "
+                 f"{len(shards)} shard{'s' * (len(shards) != 1)} ({result['items_total']:,} in all), "
+                 f"{result['bytes_per_item']} bytes per item, {result['wall_seconds']:.1f} s")
 
 
 def _run_compact(a) -> dict:
     from pipelines.compact import compact_memory
 
-    return compact_memory(a.memory, merge=not a.no_merge, pipeline_args=a.beam_args)
+    term = terminal.current()
+    term.output_folder(a.memory)
+    result = compact_memory(a.memory, merge=not a.no_merge, pipeline_args=a.beam_args, progress=term)
+    if result["changed"]:
+        term.summary(f"compacted {a.memory} to version {result['version']}: {result['partitions_rewritten']} "
+                     f"partitions rewritten, {result['items_dropped']:,} removed items dropped, "
+                     f"{result['items']:,} items in {result['shards']} shards, {result['wall_seconds']:.1f} s")
+    else:
+        term.summary(f"nothing to compact in {a.memory} (version {result['version']})")
+    return result
 
 
 def add_build(sub) -> None:

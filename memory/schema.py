@@ -85,6 +85,43 @@ def embedding_table(ids, embeddings, labels, *, dtype="float32", provenance=None
     )
 
 
+def _is_embedding(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+# Column: (required, accepted types, what to write instead). The types the readers accept; a writer
+# writes the embedding_schema ones.
+COLUMN_TYPES = {
+    "id": (True, _is_text, "string"),
+    "embedding": (True, _is_embedding, "a fixed-size list of float32 or float16 (one length for every row)"),
+    "label": (True, pa.types.is_integer, "an integer type (int32; -1 where unknown)"),
+    "label_source": (False, _is_text, "string ('human' or 'teacher')"),
+    "confidence": (False, pa.types.is_floating, "float32"),
+    "source": (False, _is_text, "string"),
+    "uri": (False, _is_text, "string"),
+}
+
+
+def schema_problems(s: pa.Schema) -> list[tuple[str, str]]:
+    """``[(column, reason)]``: how a Parquet schema (a footer's) breaks the embedding-shard contract; none: [].
+
+    Row contents (NaN, norms, labels outside the classes, duplicate ids) are not in a footer; the
+    build checks them row by row (``memory.items``).
+    """
+    out = []
+    for name, (required, ok, want) in COLUMN_TYPES.items():
+        if name not in s.names:
+            if required:
+                out.append((name, f"missing: not an embedding shard (columns: {', '.join(s.names) or 'none'})"))
+        elif not ok(s.field(name).type):
+            out.append((name, f"is {s.field(name).type}, must be {want}"))
+    return out
+
+
 def write_embeddings(path: str, table: pa.Table) -> None:
     """Write one embedding shard atomically (local temp + rename; one object on GCS)."""
     sink = pa.BufferOutputStream()
