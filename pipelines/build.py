@@ -17,7 +17,7 @@ from memory.backends import BACKENDS
 from memory.encoder_spec import EncoderSpec, agreed
 from memory.shard import DEFAULT_TARGET_RECALL, check_target_recall, shard_settings
 from pipelines.beam_runner import BuildFailed, run_pipeline
-from pipelines.build_config import BuildConfig
+from pipelines.build_config import TARGET_SHARD_ITEMS, BuildConfig, default_num_shards
 from pipelines.build_graph import build_pipeline
 from pipelines.build_publish import find_published, summarise, unchanged_summary
 from pipelines.progress import SILENT, MarkerWatch, marker_dir
@@ -30,9 +30,14 @@ PARTITIONS = ("hash", "kmeans")
 
 def inspect_inputs(files: list[str]) -> dict:
     """What the Parquet footers say, without reading a row: row counts, dimensions, the encoder (an
-    ``EncoderSpec`` or None) and the problems (``[(file, column or None, reason)]``: unreadable files,
-    columns missing or of the wrong type, ``memory.schema.schema_problems``)."""
-    rows, dims, specs, problems, file_dims = 0, Counter(), [], [], {}
+    ``EncoderSpec`` or None), the class names the shards record (``class_names``, and the first file
+    recording them, ``class_names_from``; None when none does) and the problems (``[(file, column or
+    None, reason)]``: unreadable files, columns missing or of the wrong type, ``memory.schema.schema_problems``).
+
+    Raises:
+        ValueError: shards that disagree on their encoder or their class names (both files named).
+    """
+    rows, dims, specs, problems, file_dims, names = 0, Counter(), [], [], {}, []
     for f in files:
         fs, p = storage.filesystem(f)
         try:
@@ -48,6 +53,7 @@ def inspect_inputs(files: list[str]) -> dict:
         meta = {k.decode(): v.decode() for k, v in (arrow_schema.metadata or {}).items()}
         try:
             specs.append((f, EncoderSpec.from_metadata(meta)))
+            names.append((f, schema.class_names_from_metadata(meta, f)))
         except ValueError as exc:
             problems.append((f, None, f"schema metadata: {exc}"))
         if any(column == "embedding" for column, _ in bad):
@@ -58,7 +64,9 @@ def inspect_inputs(files: list[str]) -> dict:
         if n:
             file_dims[f] = d
     # Every shard against every other, field by field (memory.encoder_spec.agreed), both named on a mismatch.
-    return {"rows": rows, "dims": dims, "encoder": agreed(specs), "problems": problems, "file_dims": file_dims}
+    class_names, origin = schema.agreed_class_names(names)
+    return {"rows": rows, "dims": dims, "encoder": agreed(specs), "problems": problems, "file_dims": file_dims,
+            "class_names": class_names, "class_names_from": origin}
 
 
 def _unreadable(fs, path: str, exc: Exception) -> str:
@@ -74,13 +82,35 @@ def _unreadable(fs, path: str, exc: Exception) -> str:
 def _check_classes(class_names):
     names = list(class_names or [])
     if not names:
-        raise ValueError("a memory needs class names (--class-names a,b,c or a file with one per line)")
+        raise ValueError("a memory needs class names, and the embedding shards record none (shards from 'vismem "
+                         "embed' do): pass --class-names a,b,c or a file with one per line")
     if len(set(names)) != len(names):
         raise ValueError(f"class names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
     return tuple(names)
 
 
-def build_memory(embeddings, out: str, *, num_shards: int, class_names, partition: str = "hash",
+def _names_differ(given, info: dict) -> ValueError:
+    recorded = info["class_names"]
+    return ValueError(f"--class-names {schema.describe_names(given, recorded)} differ from the class names the "
+                      f"embedding shards record, {schema.describe_names(recorded, given)} (in "
+                      f"{info['class_names_from']}), which their labels index: leave --class-names out to use them")
+
+
+def _names_for_build(given, info: dict) -> tuple:
+    """The memory's class names: ``given`` (``--class-names``), else those the shards record.
+
+    Raises:
+        ValueError: none either way, or ``given`` names that differ from the shards'.
+    """
+    recorded = info["class_names"]
+    if given is None:
+        return _check_classes(recorded)
+    if recorded is not None and list(given) != recorded:
+        raise _names_differ(given, info)
+    return _check_classes(given)
+
+
+def build_memory(embeddings, out: str, *, num_shards: int | None = None, class_names=None, partition: str = "hash",
                  backend: str = "scann", backend_params: dict | None = None, storage: str = "float32",
                  norm_tolerance: float | None = 0.01, dim: int | None = None, kmeans_sample: int = 100_000,
                  kmeans_cells: int | None = None, seed: int = 0, batch_rows: int = 65536, pipeline_args=None,
@@ -88,6 +118,9 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
                  storage_dtype: str | None = None, progress=SILENT, skip_bad_files: bool = False) -> dict:
     """Build a new memory at ``out`` from embedding shards with Beam; returns a summary.
 
+    ``class_names``: default, the names the shards record (``vismem embed`` records its source's);
+    given, they must equal those (when the shards record any). ``num_shards``: default
+    :func:`~pipelines.build_config.default_num_shards` of the footers' row count.
     Equal to ``memory.write_memory`` on the same valid rows (hash partitioning): the same shards,
     the same files, the same search results. Rows that fail validation go to
     ``out/deadletter/v00000001.TOKEN.parquet`` with a reason; the build goes on without them.
@@ -107,22 +140,28 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
         raise ValueError(f"unknown partitioning {partition!r}; choose one of {', '.join(PARTITIONS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if int(num_shards) < 1:
+    if num_shards is not None and int(num_shards) < 1:
         raise ValueError(f"--num-shards must be >= 1, got {num_shards}")
-    if kmeans_cells is not None and int(kmeans_cells) < int(num_shards):
+    if num_shards is not None and kmeans_cells is not None and int(kmeans_cells) < int(num_shards):
         raise ValueError(f"--kmeans-cells ({kmeans_cells}) must be at least --num-shards ({num_shards})")
     storage = quantize.check_mode(storage_dtype or storage, backend)
     check_target_recall(target_recall)
     if mf.latest_version(out) is not None:
         raise ValueError(f"a memory already exists at {out} (version {mf.latest_version(out)}); "
                          "use 'vismem add' to add items to it")
-    names = _check_classes(class_names)
+    if class_names is not None:
+        _check_classes(class_names)
     files = schema.shard_files(embeddings)
     info = inspect_inputs(files)
     dim_from = "--dim is" if dim is not None else "most shards' dimension is"
     if dim is None and info["dims"]:
         dim = info["dims"].most_common(1)[0][0]
     check_inputs(info, int(dim or 0), embeddings, dim_from=dim_from, skip_bad_files=skip_bad_files)
+    names = _names_for_build(class_names, info)
+    shards_from = "" if num_shards is not None else f" (default: at most {TARGET_SHARD_ITEMS:,} items per shard)"
+    num_shards = default_num_shards(info["rows"]) if num_shards is None else num_shards
+    if kmeans_cells is not None and int(kmeans_cells) < int(num_shards):
+        raise ValueError(f"--kmeans-cells ({kmeans_cells}) must be at least the number of shards ({num_shards})")
     cfg = BuildConfig(out=out, version=1, token=mutations.new_token(), parent_version=None, files=tuple(files),
                       total_rows=info["rows"], dim=int(dim), class_names=names, num_shards=int(num_shards),
                       partition=partition, backend=backend, backend_params=dict(backend_params or {}),
@@ -132,8 +171,10 @@ def build_memory(embeddings, out: str, *, num_shards: int, class_names, partitio
                       encoder=info["encoder"].to_manifest() if info["encoder"] else {})
     log.info("building %s: %d files, %d rows, dim %d, %d %s shards, %s backend", out, len(files), info["rows"],
              cfg.dim, cfg.num_shards, partition, backend)
+    classes_from = " (from --class-names)" if class_names is not None else " (recorded in the shards)"
     progress.note(f"inputs: {len(files)} file{'s' * (len(files) > 1)}, {info['rows']:,} rows, {cfg.dim}-d, "
-                  f"{len(names)} classes -> {cfg.num_shards} {partition} shard{'s' * (cfg.num_shards > 1)}, {backend}")
+                  f"{len(names)} classes{classes_from} -> {cfg.num_shards} {partition} shard"
+                  f"{'s' * (cfg.num_shards > 1)}{shards_from}, {backend}")
     run = run_with_progress(cfg, pipeline_args, "build", progress)
     return summarise(out, cfg.token, cfg.version, run)
 
@@ -198,9 +239,9 @@ def add_to_memory(memory: str, embeddings, *, class_names=None, readmit: bool = 
 def _add_config(memory: str, parent: mf.Manifest, embeddings, token: str, *, class_names, readmit: bool,
                 norm_tolerance, batch_rows: int, skip_bad_files: bool = False) -> BuildConfig:
     """The plain configuration of an add to ``parent``: its partitions, backend and id checks."""
-    names = _extended_classes(parent.class_names, class_names)
     files = schema.shard_files(embeddings)
     info = inspect_inputs(files)
+    names = _names_for_add(memory, parent.class_names, class_names, info)
     _check_encoder(memory, parent.encoder, info["encoder"])
     check_inputs(info, parent.dim, embeddings, dim_from="the memory's dimension is", skip_bad_files=skip_bad_files)
     part, build = parent.partitioning, parent.build or {}
@@ -230,6 +271,22 @@ def _check_encoder(memory: str, known: dict, new: EncoderSpec | None) -> None:
     except ValueError as exc:
         raise ValueError(f"cannot add to {memory} (the memory's encoder first, the new embeddings' second): "
                          f"{exc}") from None
+
+
+def _names_for_add(memory: str, names: list, given, info: dict) -> tuple:
+    """The class names after an add: the memory's, extended by ``given`` (``--class-names``) or by the
+    names the shards record. Shards whose recorded names neither equal nor extend the memory's are
+    refused: their labels would name other classes."""
+    recorded = info["class_names"]
+    if recorded is None:
+        return _extended_classes(names, given)
+    if given is not None and list(given) != recorded:
+        raise _names_differ(given, info)
+    if recorded[:len(names)] != list(names):
+        raise ValueError(f"the embedding shards record the classes {schema.describe_names(recorded, names)} (in "
+                         f"{info['class_names_from']}), which neither are nor extend {memory}'s "
+                         f"{schema.describe_names(names, recorded)}: their labels would name other classes")
+    return _check_classes(recorded)
 
 
 def _extended_classes(names: list, class_names) -> tuple:

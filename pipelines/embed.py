@@ -206,7 +206,8 @@ def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: 
         opts["num_gpus"] = 1
     worker_cls = ray.remote(EncoderWorker).options(**opts)
     args = (cfg.encoder, image_size, cfg.teacher, label_map.mapping if label_map else None, cfg.min_confidence,
-            cfg.batch_size, cfg.dtype, place.threads, place.device, cfg.out, source.spec.name)
+            cfg.batch_size, cfg.dtype, place.threads, place.device, cfg.out, source.spec.name,
+            tuple(source.class_names or ()))
     # Decoding reserves no CPU: after a node loss the surviving CPUs may all be held by encoder actors,
     # and a decode task that waited for one would stall the run. At most one shard per actor decodes ahead.
     decode = ray.remote(num_cpus=0, max_retries=3)(decode_shard)
