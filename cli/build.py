@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from cli import terminal
 from cli.common import CLASS_NAMES_HELP, class_names, count, finite, non_negative_int, output_folder
+from pipelines.build_config import TARGET_SHARD_ITEMS
 
 BEAM_HELP = (
     "Beam options go after the verb's own (or after --), each checked against Beam's option list before "
@@ -43,26 +45,61 @@ def _norm_tolerance(v: float) -> float | None:
 def _run_build(a) -> dict:
     from pipelines.build import build_memory
 
+    term = terminal.current()
     output_folder(a.out, "the memory folder")
-    return build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
-                        partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
-                        storage=a.storage, target_recall=a.target_recall, tuning_queries=a.tuning_queries,
-                        norm_tolerance=_norm_tolerance(a.norm_tolerance),
-                        dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
-                        pipeline_args=a.beam_args)
+    term.output_folder(a.out)
+    result = build_memory(a.embeddings, a.out, num_shards=a.num_shards, class_names=class_names(a.class_names),
+                          partition=a.partition, backend=a.backend, backend_params=_scann_overrides(a),
+                          storage=a.storage, target_recall=a.target_recall, tuning_queries=a.tuning_queries,
+                          norm_tolerance=_norm_tolerance(a.norm_tolerance),
+                          dim=a.dim, kmeans_sample=a.kmeans_sample, kmeans_cells=a.kmeans_cells, seed=a.seed,
+                          pipeline_args=a.beam_args, progress=term)
+    _report(term, result, "built")
+    return result
 
 
 def _run_add(a) -> dict:
     from pipelines.build import add_to_memory
 
-    return add_to_memory(a.memory, a.embeddings, class_names=class_names(a.class_names), readmit=a.readmit,
-                         norm_tolerance=_norm_tolerance(a.norm_tolerance), pipeline_args=a.beam_args)
+    term = terminal.current()
+    term.output_folder(a.memory)
+    result = add_to_memory(a.memory, a.embeddings, class_names=class_names(a.class_names), readmit=a.readmit,
+                           norm_tolerance=_norm_tolerance(a.norm_tolerance), pipeline_args=a.beam_args,
+                           progress=term)
+    _report(term, result, "added to")
+    return result
+
+
+def _report(term, result: dict, done: str) -> None:
+    """The closing line of a build or add, and a warning line for rows that went to the dead letter."""
+    from pipelines.build_publish import rejected
+
+    dead = result.get("dead_letter") or {}
+    if not result.get("changed", True):
+        term.summary(f"nothing added to {result['memory']} (version {result['version']} is current): "
+                     f"{rejected(dead)}")
+        return
+    if dead.get("count"):
+        term.warn(rejected(dead))
+    shards = result.get("shards") or []
+    term.summary(f"{done} {result['memory']} version {result['version']}: {result['items_added']:,} items in "
+                 f"{len(shards)} shard{'s' * (len(shards) != 1)} ({result['items_total']:,} in all), "
+                 f"{result['bytes_per_item']} bytes per item, {result['wall_seconds']:.1f} s")
 
 
 def _run_compact(a) -> dict:
     from pipelines.compact import compact_memory
 
-    return compact_memory(a.memory, merge=not a.no_merge, pipeline_args=a.beam_args)
+    term = terminal.current()
+    term.output_folder(a.memory)
+    result = compact_memory(a.memory, merge=not a.no_merge, pipeline_args=a.beam_args, progress=term)
+    if result["changed"]:
+        term.summary(f"compacted {a.memory} to version {result['version']}: {result['partitions_rewritten']} "
+                     f"partitions rewritten, {result['items_dropped']:,} removed items dropped, "
+                     f"{result['items']:,} items in {result['shards']} shards, {result['wall_seconds']:.1f} s")
+    else:
+        term.summary(f"nothing to compact in {a.memory} (version {result['version']})")
+    return result
 
 
 def add_build(sub) -> None:
@@ -73,14 +110,22 @@ def add_build(sub) -> None:
         "reason), assign rows to shards by id hash or k-means, build each shard's index in one worker and "
         "publish version 1 only after every shard succeeded. Prints a JSON summary: per-shard sizes and "
         "build times, dead-letter counts, bytes per item. " + BEAM_HELP,
-        epilog="example: vismem build 'emb/*.parquet' /data/fmnist-memory --num-shards 8 --class-names "
-        "classes.txt --partition kmeans --backend scann --runner DirectRunner --direct_num_workers 2 "
-        "--direct_running_mode multi_processing",
+        epilog="example: vismem build out/fm-train/embeddings /data/fmnist-memory (shards of 'vismem embed': "
+        "their class names, a shard per 150,000 items). example: vismem build 'emb/*.parquet' /data/fmnist-memory "
+        "--num-shards 8 --class-names classes.txt --partition kmeans --backend scann --runner DirectRunner "
+        "--direct_num_workers 2 --direct_running_mode multi_processing",
     )
     b.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob (local or gs://)")
     b.add_argument("out", help="memory directory or gs:// URL to create")
-    b.add_argument("--num-shards", type=count, required=True, help="number of shards (partitions)")
-    b.add_argument("--class-names", required=True, help="class names: " + CLASS_NAMES_HELP)
+    b.add_argument("--num-shards", type=count, default=None,
+                   help=f"number of shards (partitions); default: ceil(rows / {TARGET_SHARD_ITEMS:,}) from the Parquet "
+                        f"footers' row counts, i.e. shards of at most {TARGET_SHARD_ITEMS:,} items: the benchmarks here "
+                        "serve best from 100k-150k items per shard, and ScaNN builds trees from 5,000 items per shard "
+                        "(brute force below 20,000), so a memory under that size is one shard")
+    b.add_argument("--class-names", default=None,
+                   help="class names: " + CLASS_NAMES_HELP + ". Default: the names the embedding shards record "
+                        "('vismem embed' records its source's); needed only where they record none. Names that "
+                        "differ from the shards' are refused (their labels index the shards' names)")
     b.add_argument("--partition", choices=("hash", "kmeans"), default="hash",
                    help="hash: by id, stable (default); kmeans: by nearest centroid, enabling --probe-shards routing")
     b.add_argument("--backend", choices=("scann", "exact"), default="scann", help="index backend (default scann)")
@@ -132,7 +177,9 @@ def add_add(sub) -> None:
     )
     a.add_argument("memory", help="memory directory or gs:// URL")
     a.add_argument("embeddings", help="embedding shards: a file, a folder of *.parquet or a glob")
-    a.add_argument("--class-names", default=None, help="the memory's classes followed by new ones: " + CLASS_NAMES_HELP)
+    a.add_argument("--class-names", default=None,
+                   help="the memory's classes followed by new ones: " + CLASS_NAMES_HELP + ". Default: the memory's, "
+                        "extended by the names the embedding shards record when those start with the memory's")
     a.add_argument("--readmit", action="store_true", help="accept ids that were removed (unlearned) before")
     a.add_argument("--norm-tolerance", type=finite, default=0.01, help="as for build")
     a.set_defaults(func=_run_add)

@@ -5,6 +5,7 @@ import argparse
 import math
 import sys
 
+from cli import terminal
 from cli.common import print_json
 
 SERVE_EPILOG = """\
@@ -106,7 +107,7 @@ def _run_submit(a) -> dict:
                                  extra=a.runtime_env)
     return _finish(submit.submit(a.cluster, a.command, parse=a.parse_vismem, runtime=runtime,
                                  job_id=a.job_id, follow=not a.no_wait, any_command=a.any_command,
-                                 num_cpus=a.num_cpus, num_gpus=a.num_gpus))
+                                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, note=terminal.current().note))
 
 
 def _run_jobs(a):
@@ -157,7 +158,8 @@ def add_serve(sub) -> None:
                    help="hold a reader lease on the served version, renewed every LEASE_S/3 seconds, so "
                    "'vismem gc' keeps it (default 600; 0: none, for read-only storage)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.set_defaults(func=_run_serve)
+    # A server's logs (uvicorn's start, each request) are what its user watches: on the terminal unless -q.
+    s.set_defaults(func=_run_serve, default_verbosity=terminal.VERBOSE)
 
 
 def add_submit(sub) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli import terminal
 from cli.common import count, fraction, non_negative, output_file, output_folder
 
 EMBED_EPILOG = """\
@@ -34,7 +35,9 @@ def _run_embed(a) -> dict:
     from pipelines.embed import EmbedConfig, run_embed
     from pipelines.sources import SourceSpec
 
+    term = terminal.current()
     output_folder(a.out, "the output folder")
+    term.output_folder(a.out)
     spec = SourceSpec(a.source, kind=a.source_kind, name=a.source_name or "", split=a.split,
                       shard_size=a.shard_size, limit=a.limit, unlabelled_fraction=a.unlabelled_fraction,
                       image_column=a.image_column, label_column=a.label_column)
@@ -43,7 +46,26 @@ def _run_embed(a) -> dict:
                       min_confidence=a.min_confidence, max_pixels=a.max_pixels, ray_address=a.ray_address,
                       num_workers=a.num_workers, threads_per_worker=a.threads_per_worker, device=a.device,
                       progress=not a.no_progress)
-    return run_embed(cfg)
+    summary = run_embed(cfg, progress=term)
+    _report(term, summary)
+    return summary
+
+
+def _report(term, s: dict) -> None:
+    """The closing line of an embedding run, and one warning line for quarantined inputs (with their reasons)."""
+    c, shards, speed = s["counts"], s["shards"], s["throughput"]
+    if c["quarantined"]:
+        from collections import Counter
+
+        from pipelines.outputs import read_errors
+
+        reasons = Counter(r.split(":")[0] for r in read_errors(s["out"]).column("reason").to_pylist())
+        why = ", ".join(f"{r} ({n:,})" for r, n in reasons.most_common(3))
+        term.warn(f"{c['quarantined']:,} input{'s' * (c['quarantined'] != 1)} quarantined: {why}; see {s['errors']}")
+    pseudo = f", {c['pseudo_labelled']:,} pseudo-labelled" if c["pseudo_labelled"] else ""
+    rate = f" in {speed['wall_s']:.1f} s" if speed["images_this_run"] else ""
+    term.summary(f"embedded {c['embedded']:,} of {c['read']:,} images{pseudo} into {s['embeddings']} "
+                 f"({shards['written_this_run']} of {shards['total']} shards written this run){rate}")
 
 
 def _run_probe(a) -> dict:
@@ -74,7 +96,7 @@ def add_embed(sub) -> None:
     _add_embed_cluster_options(p)
     _add_embed_source_options(p)
     p.add_argument("--max-pixels", type=count, default=100_000_000, help="refuse larger images (after JPEG draft)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (-q: no stage lines either)")
     p.set_defaults(func=_run_embed)
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from cli.exits import exit_with  # first: its exit handler must be registered before any other
 
-import logging
+import argparse
 import os
 import sys
 
-from cli import build, demo, deploy, embed, evaluate, manage, plan
+from cli import build, demo, deploy, embed, evaluate, manage, plan, terminal
 from cli.common import VerbParser, print_json
 from memory.manifest import ConcurrentUpdate
 from memory.ray_shards import ShardLost
@@ -35,30 +35,42 @@ def build_parser() -> VerbParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)
+    _add_verbosity(parser)
     # What 'vismem submit' checks its command with, handed down so that no verb module imports this one.
     parser.set_defaults(parse_vismem=parser.parse_args)
     return parser
 
 
+def _add_verbosity(parser) -> None:
+    """``-v`` / ``-q`` (cli.terminal) on the top parser and on every verb (and sub-verb) parser."""
+    terminal.add_options(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_verbosity(sub)
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-        if result is not None:
-            print_json(result)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (``vismem info M | head -1``). As Python's documentation advises, point
-        # stdout at devnull so the flush at exit cannot fail again, and exit as a SIGPIPE'd program does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except USER_ERRORS as exc:
-        print(f"vismem {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except ShardLost as exc:  # the cluster failed, not the input: one line, and another status
-        print(f"vismem {args.verb}: error: {exc}", file=sys.stderr)
-        return 1
+    # Engines' logs go to the run's log file, the terminal shows stages, warnings and errors (cli.terminal).
+    with terminal.session(args.verb, terminal.verbosity_of(args)) as term:
+        try:
+            result = args.func(args)
+            if result is not None:
+                print_json(result)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (``vismem info M | head -1``). As Python's documentation advises, point
+            # stdout at devnull so the flush at exit cannot fail again, and exit as a SIGPIPE'd program does.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            term.failed = True
+            return 141
+        except USER_ERRORS as exc:  # one line per problem (a message may list several)
+            term.error(exc)
+            return 2
+        except ShardLost as exc:  # the cluster failed, not the input: one line, and another status
+            term.error(exc)
+            return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """``vismem query``, ``info``, ``remove``, ``versions`` and ``gc``: operations on a memory in place."""
 from __future__ import annotations
 
+from cli import terminal
 from cli.common import add_filters, add_ties, count, finite, fraction, item_filter, positive
 from memory import voting
 
@@ -8,9 +9,14 @@ from memory import voting
 def _run_query(a) -> dict:
     from memory.query import query_memory
 
-    return query_memory(a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
-                        version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards,
-                        ties=a.ties, abstain_below=a.abstain_below, where=item_filter(a))
+    term = terminal.current()
+    result = query_memory(a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
+                          version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards,
+                          ties=a.ties, abstain_below=a.abstain_below, where=item_filter(a), progress=term)
+    accuracy = f", top-1 accuracy {result['top1_accuracy']:.4f}" if "top1_accuracy" in result else ""
+    term.summary(f"classified {result['queries']:,} queries at k={a.k} ({a.method}){accuracy}"
+                 + (f"; predictions: {a.out}" if a.out else ""))
+    return result
 
 
 def _run_info(a) -> dict:

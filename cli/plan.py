@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import sys
 
+from cli import terminal
+
 EXAMPLE = ("example: vismem plan --items 1e9 --dim 768 --storage int8 --recall 0.95 --qps 1000 "
            "--machine cores=16,ram=64GB --gpus 8 --encoder-rate 2000")
 
 
 def _calibrate(a) -> dict:
-    import logging
     import shutil
     import tempfile
 
@@ -22,15 +23,13 @@ def _calibrate(a) -> dict:
     shard = parse_count(a.shard_items, "--shard-items") if a.shard_items else min(sizes)
     out = a.calibration or "calibration.json"
     dim = parse_count(a.dim or "128", "--dim")
-    for name in ("apache_beam", "vismem"):  # a progress line per ladder step (stderr) is enough
-        logging.getLogger(name).setLevel(logging.WARNING)
     work = a.work_dir or tempfile.mkdtemp(prefix="vismem-calibrate-")
     try:
         cal = calibrate(out, work, sizes=sizes, shard_items=shard, dim=dim, queries=a.queries,
                         mode_items=parse_count(a.mode_items, "--mode-items"), mode_dims=(dim, 4 * dim),
                         modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
                         command=" ".join(["vismem", "plan", *sys.argv[2:]]),
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        log=terminal.current().note)  # a line per ladder step; the engines' logs to the log file
     finally:
         if not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)

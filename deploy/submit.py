@@ -199,7 +199,7 @@ def stop(cluster: str | None, job_id: str, *, timeout: float = 60.0) -> dict:
 
 def submit(cluster: str | None, command: list[str], *, parse: Parse, runtime: dict | None = None,
            job_id: str | None = None, follow: bool = True, any_command: bool = False, num_cpus: float | None = None,
-           num_gpus: float | None = None, out=sys.stdout, agent_wait_s: float = 90.0) -> dict:
+           num_gpus: float | None = None, out=sys.stdout, agent_wait_s: float = 90.0, note=None) -> dict:
     """Submit ``command`` as a Ray job; with ``follow``, stream its logs and wait for its end.
 
     ``parse`` checks a ``vismem`` command before anything is sent (see ``check_command``).
@@ -228,7 +228,7 @@ def submit(cluster: str | None, command: list[str], *, parse: Parse, runtime: di
                 time.sleep(1.0)
                 continue
             raise ValueError(f"the cluster refused the job: {str(exc).splitlines()[-1]}") from exc
-    print(f"vismem submit: job {jid} submitted to {c.get_address()}", file=sys.stderr)
+    (note or (lambda m: print(m, file=sys.stderr)))(f"vismem submit: job {jid} submitted to {c.get_address()}")
     if follow:
         _follow(c, jid, out)
         wait(c, jid)

@@ -1,6 +1,8 @@
 """Classify a file of query embeddings against a memory; optionally write predictions with neighbours."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,14 +17,25 @@ from memory.memory import Memory
 SLOTS_PER_BATCH = 1 << 22
 
 
+def _bar(progress, n: int, step: int):
+    if progress is not None:
+        return contextlib.closing(progress.stage("query", total=n, unit="queries"))
+    from tqdm import tqdm
+
+    return tqdm(total=n, desc="query", unit="queries", disable=n <= step)
+
+
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None,
-                 ties: str = "nearest", abstain_below: float | None = None, where=None) -> dict:
+                 ties: str = "nearest", abstain_below: float | None = None, where=None,
+                 progress=None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
     ``where`` (``memory.filters.ItemFilter``) votes with the nearest items it allows only; the
-    summary names it.
+    summary names it. ``progress``: what draws the search (an object with ``stage(name, total,
+    unit)`` returning a bar with ``update(n)`` and ``close()``, as ``pipelines.progress``; default: a
+    bar on stderr).
 
     Every prediction carries its confidence (``Memory.classify``: the voted class's share of the
     vote); with ``abstain_below`` those below it are -1 and flagged ``abstained``. When the query rows
@@ -37,8 +50,6 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
             ``out`` that is a folder, an unknown tie rule or ``abstain_below`` outside [0, 1].
         FileNotFoundError: no memory, no such version, or no query shards.
     """
-    from tqdm import tqdm
-
     positive_ints(k=k, batch_size=batch_size)
     voting.check_ties(ties)
     confidence.check_abstain_below(abstain_below)
@@ -50,14 +61,15 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
     n, step = len(queries["ids"]), search_batch(batch_size, k)
     preds, conf, abstained = np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, bool)
     nb_ids, nb_labels, nb_sims = [], [], []
-    with Memory.open(memory_path, manifest.version) as mem:
-        for start in tqdm(range(0, n, step), desc="query", unit="batch", disable=n <= step):
+    with Memory.open(memory_path, manifest.version) as mem, _bar(progress, n, step) as bar:
+        for start in range(0, n, step):
             res = mem.classify(queries["embeddings"][start:start + step], k, method,
                                alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards, ties=ties,
                                abstain_below=abstain_below, where=where)
             preds[start:start + step] = res.predictions
             conf[start:start + step] = res.confidence
             abstained[start:start + step] = res.abstained
+            bar.update(len(res.predictions))
             if out:  # only --out needs every neighbour list at the end
                 nb_ids.append(res.neighbours.ids)
                 nb_labels.append(res.neighbours.labels)

@@ -3,14 +3,17 @@
 Embedding shard (written by the embedding pipeline, read by builds and queries), one Parquet file:
 ``id`` string (globally unique, stable), ``embedding`` fixed-size list of float16/float32,
 ``label`` int32 (-1 unknown), ``label_source`` ("human" | "teacher"), ``confidence`` float32,
-``source`` (dataset name), ``uri`` (``memory.uris``). Schema metadata: dim, normalisation and the
-encoder (``memory.encoder_spec``).
+``source`` (dataset name), ``uri`` (``memory.uris``). Schema metadata: dim, normalisation, the
+encoder (``memory.encoder_spec``) and, when the source names its classes, ``class_names`` (a JSON
+list: ``label`` i is ``class_names[i]``; :func:`class_names_metadata`, :func:`agreed_class_names`).
 
 Items table (one per memory shard, row ``i`` is index row ``i``; read by ``memory.items``): ``id``,
 ``label``, ``weight`` (vote multiplier, 1.0 unless soft-pruned) and the provenance columns
 ``label_source``, ``confidence``, ``source``, ``uri``.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,63 @@ from memory import storage
 LABEL_SOURCES = ("human", "teacher")
 PROVENANCE_COLUMNS = ("label_source", "confidence", "source", "uri")
 UNKNOWN_LABEL = -1
+
+
+CLASS_NAMES_KEY = "class_names"  # schema metadata: the JSON list of the names the labels index
+
+
+def class_names_metadata(names) -> dict:
+    """The schema-metadata entry recording a shard's class names (none: an empty dict)."""
+    return {CLASS_NAMES_KEY: json.dumps([str(n) for n in names])} if names else {}
+
+
+def class_names_from_metadata(metadata: dict | None, where: str = "an embedding shard") -> list[str] | None:
+    """The class names a shard's (decoded) schema metadata records, or None.
+
+    Raises:
+        ValueError: an entry that is not a JSON list of names.
+    """
+    raw = (metadata or {}).get(CLASS_NAMES_KEY)
+    if not raw:
+        return None
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{where}: schema metadata '{CLASS_NAMES_KEY}' must be a JSON list of names, got {raw[:80]!r}")
+    return names
+
+
+def agreed_class_names(pairs) -> tuple[list[str] | None, str | None]:
+    """``(names, the first file recording them)`` from ``(file, names or None)`` pairs; ``(None, None)``
+    when no shard records any. Shards that record none are not wrong (older runs, plain writers).
+
+    Raises:
+        ValueError: two shards that record different names, both named.
+    """
+    first = (None, None)
+    for where, names in pairs:
+        if names is None:
+            continue
+        if first[0] is None:
+            first = (list(names), where)
+        elif list(names) != first[0]:
+            raise ValueError(f"the embedding shards disagree on their class names: {where} has "
+                             f"{describe_names(names, first[0])}, {first[1]} has {describe_names(first[0], names)}")
+    return first
+
+
+def describe_names(names, other=None) -> str:
+    """A list of class names in a message: the first five, how many, and where it first differs from ``other``."""
+    names = list(names)
+    text = f"[{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}] ({len(names)})"
+    if other is not None:
+        other = list(other)
+        at = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
+        if at >= 5 and at < len(names):
+            text += f" with class {at} {names[at]!r}"
+    return text
 
 
 def embedding_schema(dim: int, dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
@@ -83,6 +143,43 @@ def embedding_table(ids, embeddings, labels, *, dtype="float32", provenance=None
         ],
         schema=embedding_schema(dim, dtype, metadata),
     )
+
+
+def _is_embedding(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+# Column: (required, accepted types, what to write instead). The types the readers accept; a writer
+# writes the embedding_schema ones.
+COLUMN_TYPES = {
+    "id": (True, _is_text, "string"),
+    "embedding": (True, _is_embedding, "a fixed-size list of float32 or float16 (one length for every row)"),
+    "label": (True, pa.types.is_integer, "an integer type (int32; -1 where unknown)"),
+    "label_source": (False, _is_text, "string ('human' or 'teacher')"),
+    "confidence": (False, pa.types.is_floating, "float32"),
+    "source": (False, _is_text, "string"),
+    "uri": (False, _is_text, "string"),
+}
+
+
+def schema_problems(s: pa.Schema) -> list[tuple[str, str]]:
+    """``[(column, reason)]``: how a Parquet schema (a footer's) breaks the embedding-shard contract; none: [].
+
+    Row contents (NaN, norms, labels outside the classes, duplicate ids) are not in a footer; the
+    build checks them row by row (``memory.items``).
+    """
+    out = []
+    for name, (required, ok, want) in COLUMN_TYPES.items():
+        if name not in s.names:
+            if required:
+                out.append((name, f"missing: not an embedding shard (columns: {', '.join(s.names) or 'none'})"))
+        elif not ok(s.field(name).type):
+            out.append((name, f"is {s.field(name).type}, must be {want}"))
+    return out
 
 
 def write_embeddings(path: str, table: pa.Table) -> None:

@@ -105,13 +105,18 @@ def validate_beam_args(args, *, own_options=()) -> list[str]:
 
 
 _ERROR_LINE = re.compile(r"\b(\w*(?:Error|Exception|BuildFailed)): (.+)")
+_WHERE = re.compile(r" \[while running '[^']*'\]$")
 
 
 def _cause(exc: BaseException) -> str:
-    """The innermost ``SomeError: message`` line of a (worker) exception, not Beam's wrapping."""
+    """The innermost ``SomeError: message`` line of a (worker) exception, not Beam's wrapping (nor its
+    ``[while running 'Step']``); a ValueError, the input's fault, is its message alone."""
     text = str(exc)
     found = [m for line in text.splitlines() if (m := _ERROR_LINE.search(line))]
-    return (f"{found[-1].group(1)}: {found[-1].group(2)}" if found else text.strip().splitlines()[-1])[:2000]
+    if not found:
+        return text.strip().splitlines()[-1][:2000]
+    kind, message = found[-1].group(1), _WHERE.sub("", found[-1].group(2).rstrip())
+    return (message if kind == "ValueError" else f"{kind}: {message}")[:2000]
 
 
 def run_pipeline(construct, pipeline_args, what: str) -> dict:

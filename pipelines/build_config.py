@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from memory import manifest as mf
+
+# The default shard size: a build without --num-shards cuts its rows into shards of at most this
+# many items. The benchmarks here serve best from about 100k-150k items per shard (README: search
+# and routing tables); ScaNN builds trees from about 5,000 items per shard (brute force below
+# 20,000, memory.backends), so a shard never needs to be small to be fast, and fewer shards mean
+# fewer searches per query.
+TARGET_SHARD_ITEMS = 150_000
+
+
+def default_num_shards(rows: int, target: int | None = None) -> int:
+    """``ceil(rows / target)``, at least 1: the fewest shards that hold ``rows`` at ``target`` items each at
+    most (default :data:`TARGET_SHARD_ITEMS`)."""
+    return max(1, math.ceil(int(rows) / int(target or TARGET_SHARD_ITEMS)))
 
 
 @dataclasses.dataclass(frozen=True)

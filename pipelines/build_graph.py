@@ -43,6 +43,7 @@ from pipelines.build_stage import (concat_batches, read_ids, read_pieces, remove
 from pipelines.beam_runner import METRICS
 from pipelines.build_config import BuildConfig
 from pipelines.build_publish import publish, write_dead_letter
+from pipelines.progress import mark, marker_dir
 
 log = logging.getLogger("vismem.build")
 DEAD = "dead"
@@ -126,6 +127,7 @@ class StageFile(beam.DoFn):
     def setup(self):
         self.forgotten = forgotten_ids(self.cfg)
         self.folder = staging_dir(self.cfg.out, self.cfg.version, self.cfg.token)
+        self.markers = marker_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
     def process(self, path, router):
         pieces, ids, count = {}, {}, 0
@@ -146,6 +148,7 @@ class StageFile(beam.DoFn):
             yield beam.pvalue.TaggedOutput(IDS, (b, ("new", write_ids(self.folder, b, np.concatenate(parts)))))
         for j, parts in sorted(pieces.items()):
             yield j, write_piece(self.folder, j, concat_batches(parts))
+        mark(self.markers, "read", path, count)  # the driver's progress bar (pipelines.progress)
         log.info("staged %s: %d rows in %d shards", path, count, len(pieces))
 
 
@@ -157,11 +160,16 @@ class SampleFile(beam.DoFn):
 
     def setup(self):
         self.forgotten = forgotten_ids(self.cfg)
+        self.markers = marker_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
     def process(self, path, fraction):
-        for good, _ in valid_batches(path, self.cfg, self.forgotten):
+        count = 0
+        for good, dead in valid_batches(path, self.cfg, self.forgotten):
+            if good is not None:
+                count += len(good["ids"]) + len(dead)
             if good is not None and len(good["ids"]):
                 yield sample_rows(good, fraction)
+        mark(self.markers, "sample", path, count)
 
 
 def existing_id_buckets(item, cfg: BuildConfig):
@@ -251,6 +259,7 @@ class WriteShard(beam.DoFn):
     def setup(self):
         self.forgotten = forgotten_ids(self.cfg) if self.cfg.readmit else set()
         self.tuning_queries = tuning_sample(self.cfg.tuning_queries)
+        self.markers = marker_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
     def process(self, element, duplicates):
         c = self.cfg
@@ -269,6 +278,7 @@ class WriteShard(beam.DoFn):
                                     target_recall=c.target_recall, tuning_queries=self.tuning_queries)
         self.shards_written.inc()
         self.items_written.inc(entry.count)
+        mark(self.markers, "write", entry.name, entry.count)
         log.info("shard %s written: %d items in %.2f s", entry.name, entry.count, entry.build_seconds)
         readmitted = sorted(self.forgotten.intersection(batch["ids"].tolist())) if self.forgotten else []
         yield entry, readmitted

@@ -29,6 +29,13 @@ def write_dead_letter(records, cfg: BuildConfig) -> dict:
     return summary
 
 
+def rejected(dead: dict) -> str:
+    """One line on a dead letter (``write_dead_letter``'s summary): how many rows, why, and where they are."""
+    why = ", ".join(f"{reason} ({n:,})" for reason, n in dead["reasons"].items())
+    more = "" if sum(dead["reasons"].values()) >= dead["count"] else ", ..."
+    return f"{dead['count']:,} row{'s' * (dead['count'] != 1)} rejected: {why}{more}; see {dead['path']}"
+
+
 def publish(written, cfg: BuildConfig, dead: dict, router) -> dict:
     """Publish the new version's manifest: the last step, reached only when every shard was written.
 
@@ -42,7 +49,7 @@ def publish(written, cfg: BuildConfig, dead: dict, router) -> dict:
         if cfg.parent_version is not None and nothing_new(dead):
             log.info("every row of the add is already in %s: nothing to publish", cfg.out)
             return {"version": None}
-        raise ValueError(f"no valid rows to publish ({dead['count']} rejected, see {dead['path']})")
+        raise ValueError(f"no valid rows to publish: {rejected(dead)}")
     done = find_published(cfg.out, cfg.token, cfg.version)
     if done is not None:  # a runner retrying this step after it published: publish nothing twice
         return {"version": done}

@@ -17,13 +17,14 @@ import apache_beam as beam
 import numpy as np
 
 from memory import manifest as mf
-from memory import leases, mutations, publishing, removals, schema
+from memory import leases, mutations, publishing, removals, schema, storage
 from memory.items import ITEMS_FILE, read_items_at
 from memory.shard import local_shard, read_local_vectors, shard_settings, shard_vector_files
 from pipelines import validate
 from pipelines.beam_runner import run_pipeline
 from pipelines.build_graph import write_shard_attempt
 from pipelines.build_publish import find_published, published_version
+from pipelines.progress import SILENT, MarkerWatch, mark, marker_dir
 
 log = logging.getLogger("vismem.compact")
 
@@ -65,13 +66,16 @@ class CompactPartition(beam.DoFn):
         t0 = time.perf_counter()
         parts = [read_shard_rows(c.root, s["entry"], s["dead"]) for s in group["sources"]]
         rows = validate.concat(parts)
+        markers = marker_dir(c.root, c.version, c.token)
         if not len(rows["ids"]):
             log.info("partition %d: every item removed, no shard left", group["partition"])
+            mark(markers, "rewrite", group["name"], 0)
             return
         entry = write_shard_attempt(c.root, c.version, c.token, group["name"], group["partition"], rows,
                                     backend=c.backend, backend_params=c.backend_params,
                                     **shard_settings(group["sources"][0]["entry"]), started=t0)
         log.info("shard %s compacted: %d items in %.2f s", group["name"], len(rows["ids"]), entry.build_seconds)
+        mark(markers, "rewrite", group["name"], len(rows["ids"]))
         yield entry
 
 
@@ -130,13 +134,14 @@ def publish_compaction(entries, cfg: CompactConfig, groups) -> int:
     return manifest.version
 
 
-def compact_memory(root: str, *, merge: bool = True, pipeline_args=None) -> dict:
+def compact_memory(root: str, *, merge: bool = True, pipeline_args=None, progress=SILENT) -> dict:
     """Rewrite the latest version's shards that hold removed items (and, with ``merge``, merge the
     shards ``add`` spread a partition over); publish the result as a new version.
 
     Removals and adds published while it runs are kept (see :func:`compacted_version`); a
     compaction published meanwhile makes this one give up (``BuildFailed``: run it again).
     Returns a summary; ``changed`` is False (and nothing is published) when there is nothing to do.
+    ``progress`` (``pipelines.progress``) draws the rewrite.
     """
     token = mutations.new_token()
     with leases.writer_lease(root, token, holder="vismem compact") as parent:
@@ -153,7 +158,16 @@ def compact_memory(root: str, *, merge: bool = True, pipeline_args=None) -> dict
              | "Rewrite" >> beam.ParDo(CompactPartition(cfg)) | "Entries" >> beam.combiners.ToList()
              | "Publish" >> beam.Map(publish_compaction, cfg, groups))
 
-        run = run_pipeline(construct, pipeline_args, "compact")
+        items = sum(s["entry"].count - len(s["dead"]) for g in groups for s in g["sources"])
+        progress.note(f"{root} version {parent.version}: {len(groups)} partition{'s' * (len(groups) > 1)} to "
+                      f"rewrite, {items:,} items kept")
+        folder = marker_dir(root, cfg.version, token)
+        try:
+            with MarkerWatch(progress, folder, [("rewrite", "rewrite shards", None, items, "items")]) as watch:
+                run = run_pipeline(construct, pipeline_args, "compact")
+                watch.finish({})
+        finally:
+            storage.remove(folder, recursive=True)
     m = mf.read_manifest(root, published_version(root, token, cfg.version))
     return {"memory": root, "version": m.version, "changed": True, "partitions_rewritten": len(groups),
             "items_dropped": m.change_detail["items_dropped"], "items": m.live_count,

@@ -29,8 +29,10 @@ from pipelines.embed_pool import EmbedPool
 from pipelines.embed_summary import EncodeRun, build_summary
 from pipelines.embed_worker import EncoderWorker, Progress, decode_shard
 from pipelines.images import DEFAULT_MAX_PIXELS
+from pipelines.progress import SILENT
 from pipelines.sources import Source, SourceSpec, open_source
 
+log = logging.getLogger("vismem.embed")
 # Settings the workers need to see as the driver does (storage endpoints, credentials, model folders):
 # forwarded to the job's workers when this process starts Ray or connects to a cluster.
 FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -58,8 +60,11 @@ class EmbedConfig:
     progress: bool = True
 
 
-def run_embed(cfg: EmbedConfig) -> dict:
+def run_embed(cfg: EmbedConfig, progress=SILENT) -> dict:
     """Embed (and pseudo-label) a source into ``cfg.out``; skip input shards already complete.
+
+    ``progress`` (``pipelines.progress``) draws the stages: starting Ray and the encoders, embedding
+    (bars only with ``cfg.progress``).
 
     Returns:
         The run summary (also written to ``OUT/summary.json``).
@@ -79,7 +84,13 @@ def run_embed(cfg: EmbedConfig) -> dict:
     stale = sorted(set(done_before) - {s.name for s in shards})
     if stale:
         raise ValueError(f"{cfg.out} holds shards this source does not produce ({', '.join(stale[:3])}...)")
-    run = _encode_on_ray(cfg, source, image_size, label_map, todo) if todo else EncodeRun()
+    images = sum(s.size or 0 for s in todo)
+    log.info("embedding %s into %s: %d input shards, %d to do, %d complete before; identity %s", cfg.source.uri,
+             cfg.out, len(shards), len(todo), len(done_before), identity)
+    progress.note(f"source: {source.spec.uri} ({source.spec.kind}), {len(shards)} input shard"
+                  f"{'s' * (len(shards) != 1)}, {len(todo)} to do" + (f" ({images:,} images)" if images else "")
+                  + f" -> {cfg.out}")
+    run = _encode_on_ray(cfg, source, image_size, label_map, todo, progress) if todo else EncodeRun()
     summary = build_summary(cfg, source, identity, teacher, label_map, shards, done_before, run,
                             time.perf_counter() - t_start)
     layout.write_summary(summary)
@@ -163,24 +174,30 @@ class _Placement:
                 "device": self.device, "cluster_cpus": self.cpus, "cluster_gpus": self.gpus}
 
 
-def _encode_on_ray(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list) -> EncodeRun:
+def _encode_on_ray(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list,
+                   progress=SILENT) -> EncodeRun:
     """Start (or join) Ray, run the shards in ``todo`` through a pool of encoder actors, stop Ray if started."""
     import ray
 
     # Ray prints cluster events (a node marked dead, a task retried) to the driver's stdout, which carries
     # vismem's JSON summary: while Ray is connected, stdout goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
+        starting = progress.stage("start Ray and encoders", unit="workers", rate=False)
         started = _init_ray(cfg.ray_address)
         try:
-            return _encode(cfg, source, image_size, label_map, todo)
+            return _encode(cfg, source, image_size, label_map, todo, starting, progress)
         finally:
+            starting.close()
             if started:
                 ray.shutdown()
 
 
-def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list) -> EncodeRun:
+def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: list, starting=None,
+            progress=SILENT) -> EncodeRun:
     """The encoding stage on the connected cluster: actors placed, shards fed, lost actors replaced."""
     import ray
+
+    starting = starting or SILENT.stage("start")
 
     place = _Placement.of(cfg, ray.cluster_resources())
     # No Ray restarts: the pool replaces a lost actor itself (see pipelines.embed_pool).
@@ -189,7 +206,8 @@ def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: 
         opts["num_gpus"] = 1
     worker_cls = ray.remote(EncoderWorker).options(**opts)
     args = (cfg.encoder, image_size, cfg.teacher, label_map.mapping if label_map else None, cfg.min_confidence,
-            cfg.batch_size, cfg.dtype, place.threads, place.device, cfg.out, source.spec.name)
+            cfg.batch_size, cfg.dtype, place.threads, place.device, cfg.out, source.spec.name,
+            tuple(source.class_names or ()))
     # Decoding reserves no CPU: after a node loss the surviving CPUs may all be held by encoder actors,
     # and a decode task that waited for one would stall the run. At most one shard per actor decodes ahead.
     decode = ray.remote(num_cpus=0, max_retries=3)(decode_shard)
@@ -198,8 +216,11 @@ def _encode(cfg: EmbedConfig, source: Source, image_size: int, label_map, todo: 
     feeder.prefetch(todo[:2 * place.workers])  # the first shards decode while the actors load their models
     pool = EmbedPool(lambda: worker_cls.remote(*args), place.workers)
     workers_info = pool.wait_ready()
+    log.info("encoder workers ready: %s; placement %s", workers_info, place)
+    starting.update(len(workers_info))
+    starting.close()
     t_encode = time.perf_counter()
-    stats = feeder.run(pool, todo, cfg.progress)
+    stats = feeder.run(pool, todo, progress if cfg.progress else SILENT)
     return EncodeRun(stats, workers_info, {**place.ray_info(cfg.ray_address), "actors_lost": pool.lost},
                      time.perf_counter() - t_encode)
 
@@ -248,13 +269,11 @@ class _Feeder:
     def _decode(self, shard):
         return self.decode.remote(self.source_ref, shard, self.image_size, self.max_pixels)
 
-    def run(self, pool: EmbedPool, todo: list, show_progress: bool) -> list[dict]:
+    def run(self, pool: EmbedPool, todo: list, progress=SILENT) -> list[dict]:
         """Every shard of ``todo`` through ``pool``; the stats each returned, in completion order."""
-        from tqdm import tqdm
-
         sizes = [s.size for s in todo]
         total = None if any(s is None for s in sizes) else sum(sizes)
-        bar = tqdm(total=total, desc="embed", unit="img", disable=not show_progress, dynamic_ncols=True)
+        bar = progress.stage("embed", total=total, unit="img")
         try:
             stats = pool.run(todo, self._submit, self.prefetch, lambda: self._refresh(bar, total),
                              key=lambda shard: f"input shard {shard.name}")
@@ -275,4 +294,6 @@ class _Feeder:
             done = ray.get(self.progress.get.remote())  # a retried shard counts twice: never run past the total
         except ray.exceptions.RayActorError:
             return  # the counter is being restarted after a node loss: the bar waits, the run does not
-        bar.update(max(0, (min(done, total) if total else done) - bar.n))
+        now = min(done, total) if total else done
+        if now > bar.n:
+            bar.update(now - bar.n)

@@ -157,12 +157,13 @@ class Progress:
 class EncoderWorker:
     """A Ray actor: loads the encoder (and teacher) once, then processes whole input shards.
 
-    Only names, paths and small dicts cross the process boundary; models are built here.
+    Only names, paths and small dicts cross the process boundary; models are built here. ``class_names``:
+    the source's, recorded in every shard's schema metadata (``memory.schema.CLASS_NAMES_KEY``).
     """
 
     def __init__(self, encoder: str, image_size: int, teacher: str | None, label_map: dict | None,
                  min_confidence: float, batch_size: int, dtype: str, threads: int, device: str, out: str,
-                 source_name: str):
+                 source_name: str, class_names=()):
         import torch
 
         from pipelines.encoders import load_encoder
@@ -180,7 +181,9 @@ class EncoderWorker:
         # One batch through the network at the run's shape builds the kernels once, before any shard arrives.
         self.encoder.embed(np.zeros((batch_size, image_size, image_size, 3), np.uint8))
         self.layout = outputs.OutputLayout(out)
-        self.metadata = {**self.encoder.spec.to_metadata(), "teacher": teacher_obj.name if teacher_obj else ""}
+        # The source's class names travel with every shard (memory.schema), so a build needs no --class-names.
+        self.metadata = {**self.encoder.spec.to_metadata(), "teacher": teacher_obj.name if teacher_obj else "",
+                         **schema.class_names_metadata(class_names)}
 
     def ready(self) -> dict:
         return {"spec": self.encoder.spec, "dim": self.encoder.dim, "device": self.encoder.device, "pid": os.getpid()}

@@ -31,14 +31,41 @@ def read_batches(path: str, max_rows: int):
                **{c: np.asarray(data["provenance"][c])[sl] for c in schema.PROVENANCE_COLUMNS}}
 
 
-def check_inputs(info: dict, dim: int, where) -> None:
-    """Refuse at the door embedding shards no row of which could be added: none readable, no rows, or
-    none of the memory's dimension (``info``: ``pipelines.build.inspect_inputs``). Otherwise every
-    row would go to the dead letter and the run would fail only after the whole Beam job.
+MAX_PROBLEM_LINES = 10  # an error lists this many problems, then how many more there are
+
+
+class BadInputs(ValueError):
+    """Embedding shards refused at the door: one line per problem, naming the file, the column and the reason.
+
+    ``problems``: ``[(file, column or None, reason)]``.
+    """
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        lines = [f"{f}: column '{c}' {why}" if c else f"{f}: {why}" for f, c, why in self.problems]
+        if len(lines) > MAX_PROBLEM_LINES:
+            more = len(lines) - MAX_PROBLEM_LINES
+            lines = lines[:MAX_PROBLEM_LINES] + [f"... and {more} more problem{'s' * (more > 1)} in the embedding "
+                                                 "shards (the first are listed above)"]
+        super().__init__("\n".join(lines))
+
+
+def check_inputs(info: dict, dim: int, where, *, dim_from: str = "the memory's dimension is",
+                 skip_bad_files: bool = False) -> None:
+    """Refuse at the door embedding shards that a Parquet footer shows to be wrong, or that hold no row
+    the memory could take (``info``: ``pipelines.build.inspect_inputs``). Otherwise the Beam job would
+    start, every row of such a file would go to the dead letter, and the reason would be found only there.
+
+    Files that cannot be read, columns missing or of the wrong type (``memory.schema.schema_problems``)
+    and embeddings of another dimension than ``dim`` are each one line of :class:`BadInputs`.
+    ``skip_bad_files``: let those files through instead (their rows go to the dead letter with the reason).
 
     Raises:
-        ValueError: naming the shards and what they hold.
+        BadInputs: a problem per line, naming the file, the column and the reason.
+        ValueError: no rows at all, or none of dimension ``dim``.
     """
+    if info["problems"] and not skip_bad_files:
+        raise BadInputs(info["problems"])
     if not info["dims"]:
         raise ValueError(f"none of the embedding shards at {where} is readable")
     if info["rows"] == 0:
@@ -46,6 +73,10 @@ def check_inputs(info: dict, dim: int, where) -> None:
     if dim not in info["dims"]:
         found = ", ".join(f"{d}-d" if d > 0 else "variable-length" for d in sorted(info["dims"]))
         raise ValueError(f"the embedding shards at {where} hold {found} embeddings, none of dimension {dim}")
+    other = [(f, "embedding", f"holds {d}-d embeddings; {dim_from} {dim}")
+             for f, d in info.get("file_dims", {}).items() if d != dim]
+    if other and not skip_bad_files:
+        raise BadInputs(other)
 
 
 def take(batch: dict, idx) -> dict:

@@ -128,7 +128,7 @@ CASES = {
     "build class names empty": (["build", "{d}/emb", "{d}/new", "--num-shards", "1", "--class-names", ""],
                                 "--class-names is empty"),
     "build unreadable shards only": (["build", "{d}/junk", "{d}/new", "--num-shards", "1", "--class-names", "a"],
-                                     "none of the 1 embedding shards is readable"),
+                                     "junk/a.parquet: not a readable Parquet file (Parquet magic bytes not found"),
     "build into a memory": (["build", "{d}/emb", M, "--num-shards", "1", "--class-names", "a,b,c"],
                             "a memory already exists"),
     "build dimension not the inputs'": ([*BUILD, "--dim", "5"], "hold 12-d embeddings, none of dimension 5"),
