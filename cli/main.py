@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from cli import build, demo, deploy, embed, evaluate, manage, plan
+from cli import build, demo, deploy, embed, evaluate, manage, plan, prune
 from cli.common import VerbParser, print_json
 from memory.manifest import ConcurrentUpdate
 from memory.ray_shards import ShardLost
@@ -17,7 +17,7 @@ from memory.ray_shards import ShardLost
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
-VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, build.add_compact,
+VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, prune.add_prune, build.add_compact,
          manage.add_versions, manage.add_gc, manage.add_query, manage.add_info, evaluate.add_eval,
          evaluate.add_experiment, deploy.add_serve, deploy.add_submit, deploy.add_jobs, plan.add_plan, demo.add_demo)
 # A verb failing on its input says so in one line; anything else is a bug and keeps its traceback.
