@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from cli import build, demo, deploy, embed, evaluate, manage, plan, terminal
+from cli import build, demo, deploy, embed, evaluate, manage, plan, prune, terminal
 from cli.common import VerbParser, print_json
 from memory.manifest import ConcurrentUpdate
 from memory.ray_shards import ShardLost
@@ -17,8 +17,8 @@ from memory.ray_shards import ShardLost
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 # In the order of the product's stages: embed, build and change, query, evaluate, deploy.
-VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, build.add_compact,
-         manage.add_versions, manage.add_gc, manage.add_query, manage.add_info, evaluate.add_eval,
+VERBS = (embed.add_embed, embed.add_probe, build.add_build, build.add_add, manage.add_remove, prune.add_prune,
+         build.add_compact, manage.add_versions, manage.add_gc, manage.add_query, manage.add_info, evaluate.add_eval,
          evaluate.add_experiment, deploy.add_serve, deploy.add_submit, deploy.add_jobs, plan.add_plan, demo.add_demo)
 # A verb failing on its input says so in one line; anything else is a bug and keeps its traceback.
 # ConcurrentUpdate: other writers kept winning the race to publish (after the library's retries).

@@ -1,4 +1,4 @@
-"""Memory pruning (section 3.5, Appendix G): count each item's wrong contributions, then prune.
+"""Memory pruning (section 3.5, Appendix G), in process: each item's wrong contributions from one search of all.
 
 Query the memory with its own items, leave each item's self-match out, take the top-K neighbours and
 count, per memory item, how often it was a neighbour whose label differed from the query's: ``v``.
@@ -6,10 +6,17 @@ count, per memory item, how often it was a neighbour whose label differed from t
 - hard pruning drops items with ``v >= threshold`` (paper: 128 at K = 100);
 - soft pruning multiplies an item's vote by ``gamma = dd / (c + v)`` for ``v > 0`` (1 for v = 0),
   ``c = 1``, ``dd = 1.75``: 0.875, 0.159, 0.017 for v = 1, 10, 100.
+
+:func:`wrong_contributions` is the reference count over one neighbour list per item; ``vismem prune``
+(``memory.pruning``, ``pipelines.prune``) counts shard by shard and must equal it.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from memory.pruning import hard_keep, soft_weights  # the formulas live with the memory operation (vismem prune)
+
+__all__ = ["hard_keep", "soft_weights", "wrong_contributions"]
 
 
 def wrong_contributions(query_ids, query_labels, neighbour_ids, neighbour_labels, item_ids, *, k: int) -> np.ndarray:
@@ -44,16 +51,3 @@ def wrong_contributions(query_ids, query_labels, neighbour_ids, neighbour_labels
         raise ValueError(f"neighbour id {hit_ids[idx < 0][0]!r} is not among the memory's items")
     np.add.at(counts, idx, 1)
     return counts
-
-
-def soft_weights(v, *, c: float = 1.0, dd: float = 1.75) -> np.ndarray:
-    """Soft-pruning vote multipliers: ``dd / (c + v)`` where ``v > 0``, else 1."""
-    v = np.asarray(v, dtype=np.float64)
-    if np.any(v < 0):
-        raise ValueError("wrong-contribution counts must be >= 0")
-    return np.where(v > 0, dd / (c + v), 1.0)
-
-
-def hard_keep(v, threshold: int) -> np.ndarray:
-    """Mask of items hard pruning keeps: ``v < threshold``."""
-    return np.asarray(v) < threshold

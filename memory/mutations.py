@@ -1,10 +1,11 @@
-"""Changing a memory: remove (unlearning), plan compaction, list versions, collect garbage.
+"""Changing a memory: remove (unlearning), prune (tombstones only), plan compaction, list versions, collect garbage.
 
 Every change publishes a new manifest version derived from its parent (``derive_manifest``) with
 ``memory.publishing`` (create-if-absent; re-derived from the new latest on a lost race); nothing
 already published is modified, so a reader pinned to a version is never affected. Remove only
 writes small state files and a manifest, so it is durable the moment it returns; the Beam jobs
-(``pipelines.build`` for build and add, ``pipelines.compact``) publish through the same helpers.
+(``pipelines.build`` for build and add, ``pipelines.compact``, ``pipelines.prune``) publish through the
+same helpers.
 Garbage collection lives in ``memory.garbage``.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from memory.items import read_items_at
 from memory.manifest import Manifest, ShardEntry, StateRef
 
 __all__ = ["collect_garbage", "compacted_manifest", "derive_manifest", "new_token", "next_version",
-           "plan_compaction", "read_id_file", "remove_items", "select_for_removal", "version_history"]
+           "plan_compaction", "prune_items", "read_id_file", "remove_items", "select_for_removal", "version_history"]
 
 
 def new_token() -> str:
@@ -154,9 +155,16 @@ def _scan(root: str, parent: Manifest, ids, label_index, source) -> dict:
     return {"dead": dead, "hits": hits, "matched": matched, "sources": sources}
 
 
-def _removal(root: str, parent: Manifest, ids, label, source, reason: str, how: str, token: str, out: dict):
+def _removal(root: str, parent: Manifest, selector: dict, reason: str, how: str, token: str, out: dict, *,
+             forget: bool = True, change: str = "remove", extra: dict | None = None):
     """The manifest that removes the selection from ``parent`` (None when ``parent`` already has it
-    removed and forgotten); what it found goes in ``out``."""
+    removed, and with ``forget`` forgotten); what it found goes in ``out``.
+
+    ``selector``: exactly one of ``ids``, ``label`` (a class name) or ``source``. With ``forget`` every
+    selected id joins the forget list (unlearning: ``add`` refuses it); without, the items are only
+    tombstoned (pruning). ``change`` and ``extra`` go to the version's record.
+    """
+    ids, label, source = selector.get("ids"), selector.get("label"), selector.get("source")
     label_index = None
     if label is not None:
         if label not in parent.class_names:
@@ -170,21 +178,24 @@ def _removal(root: str, parent: Manifest, ids, label, source, reason: str, how: 
     forgotten = removals.forget_list(root, parent)
     known = set(forgotten.column("id").to_pylist())
     removed = [i for _, i in scan["hits"]]
-    new_forget = [i for i in (ids if ids is not None else removed) if i not in known]
+    new_forget = [i for i in (ids if ids is not None else removed) if i not in known] if forget else []
     out.update(removed=removed, forgotten=new_forget, already=len(scan["matched"]) - len(removed),
                not_found=sorted(set(ids) - scan["matched"]) if ids is not None else [])
     if not removed and not new_forget:
         return None
     version = parent.version + 1
     pairs = [(s, i) for s, dead in scan["dead"].items() for i in dead] + scan["hits"]
-    rows = list(zip(forgotten.column("id").to_pylist(), forgotten.column("version").to_pylist(),
-                    forgotten.column("reason").to_pylist())) + [(i, version, reason) for i in new_forget]
     tomb = removals.write_table(root, removals.state_path(version, "tombstones.parquet", token),
                                 removals.tombstones_table(pairs))
-    forget = removals.write_table(root, removals.state_path(version, "forget.parquet", token),
-                                  removals.forget_table(rows))
-    detail = {"removed": len(removed), "by": how, "reason": reason, "not_found": len(out["not_found"])}
-    return derive_manifest(parent, version=version, change="remove", detail=detail, tombstones=tomb, forget=forget)
+    forget_ref = "keep"
+    if new_forget:
+        rows = list(zip(forgotten.column("id").to_pylist(), forgotten.column("version").to_pylist(),
+                        forgotten.column("reason").to_pylist())) + [(i, version, reason) for i in new_forget]
+        forget_ref = removals.write_table(root, removals.state_path(version, "forget.parquet", token),
+                                          removals.forget_table(rows))
+    detail = {"removed": len(removed), "by": how, "reason": reason, "not_found": len(out["not_found"]),
+              **(extra or {})}
+    return derive_manifest(parent, version=version, change=change, detail=detail, tombstones=tomb, forget=forget_ref)
 
 
 def remove_items(root: str, *, ids=None, label: str | None = None, source: str | None = None,
@@ -204,17 +215,38 @@ def remove_items(root: str, *, ids=None, label: str | None = None, source: str |
         FileNotFoundError: no memory at ``root``.
         ConcurrentUpdate: beaten by other writers on every try.
     """
-    t0 = time.perf_counter()
     ids = _checked_selector(ids, label, source)
     how = (f"ids ({len(ids)} given)" if ids is not None
            else f"label {label}" if label is not None else f"source {source}")
-    reason = reason or f"removed by {how}"
+    return _publish_removal(root, {"ids": ids, "label": label, "source": source}, reason or f"removed by {how}", how)
+
+
+def prune_items(root: str, ids, *, detail: dict) -> dict:
+    """Hard pruning: tombstone ``ids`` in a new version with the reason ``removals.PRUNED``, not forgetting them.
+
+    The same removal as :func:`remove_items` (excluded from every later search, dropped by ``compact``,
+    concurrent changes kept), recorded as ``change: "prune"`` with ``detail`` (the rule and its
+    counts), and left off the forget list: pruning selects data, it is not unlearning, so ``add`` may
+    bring such an id back. Ids already removed, or no longer held, publish nothing (``changed`` False).
+
+    Raises:
+        ValueError: an empty id list or an empty id.
+    """
+    ids = _checked_selector(ids, None, None)
+    return _publish_removal(root, {"ids": ids}, removals.PRUNED, "prune", forget=False, change="prune",
+                            extra=detail)
+
+
+def _publish_removal(root: str, selector: dict, reason: str, how: str, **kind) -> dict:
+    """Publish :func:`_removal` of ``selector`` on the latest version (derived again on a lost race); its summary."""
+    t0 = time.perf_counter()
     token, found = new_token(), {}
 
     def derive(parent):
-        return _removal(root, parent, ids, label, source, reason, how, token, found)
+        return _removal(root, parent, selector, reason, how, token, found, **kind)
 
-    parent, manifest, tries = publishing.publish_derived(root, derive, what=f"remove from {root}")
+    what = f"{kind.get('change', 'remove')} from {root}"
+    parent, manifest, tries = publishing.publish_derived(root, derive, what=what)
     current = manifest or parent
     return {"memory": root, "version": current.version, "parent_version": parent.version if manifest else None,
             "changed": manifest is not None, "removed": len(found["removed"]),

@@ -6,6 +6,11 @@ unique within a memory) that every search of the version excludes. Compaction re
 without the items and drops their tombstones. The ``forget`` entry points at the table of every id
 ever removed (``id``, ``version``, ``reason``); an ``add`` refuses those ids unless they are
 re-admitted explicitly. Both files are checked against the checksum their manifest records.
+
+Two kinds of removal share this state (``memory.mutations`` writes both): ``remove`` (unlearning)
+tombstones the items and forgets their ids with the caller's reason; hard pruning (``vismem prune
+--hard``) only tombstones them, its reason :data:`PRUNED` in the version's record
+(``change_detail``): pruning selects data, so a pruned id is not forgotten and may be added again.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from memory.manifest import Manifest, MemoryFormatError, StateRef
 
 TOMBSTONES_SCHEMA = pa.schema([("shard", pa.string()), ("id", pa.string())])
 FORGET_SCHEMA = pa.schema([("id", pa.string()), ("version", pa.int64()), ("reason", pa.string())])
+PRUNED = "pruned"  # the reason hard pruning records; never on the forget list
 
 
 def state_path(version: int, name: str, token: str) -> str:

@@ -197,6 +197,46 @@ def publish_dir(local_dir: str, dest: str) -> None:
     os.replace(tmp, p)
 
 
+def clone_dir(src: str, dest: str, files, replaced: dict[str, bytes]) -> None:
+    """Make the folder ``dest`` hold ``files`` of the folder ``src`` unchanged and ``replaced`` (``{relative
+    path: bytes}``) written anew: a published shard with one file changed, without copying its index.
+
+    Published files are never modified (every write replaces a file by renaming a new one over it), so
+    locally the unchanged files are hard links (a copy where the file system has none), and on
+    ``gs://`` server-side copies: nothing is downloaded. Locally the folder is assembled under a
+    temporary name and renamed into place, so it appears whole; remotely readers only find it through
+    a manifest written after this returns.
+    """
+    fs, s = filesystem(src)
+    _, d = filesystem(dest)
+    if is_remote(dest):
+        for rel in files:
+            fs.copy(f"{s}/{rel}", f"{d}/{rel}")
+        for rel, data in replaced.items():
+            fs.pipe_file(f"{d}/{rel}", data)
+        return
+    tmp = f"{d}.tmp-{uuid.uuid4().hex}"
+    try:
+        for rel in files:
+            target = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.link(os.path.join(s, rel), target)
+            except OSError:
+                shutil.copy2(os.path.join(s, rel), target)
+        for rel, data in replaced.items():
+            target = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def fetch_dir(src: str, files: list[str], cache_root: str | None = None) -> str:
     """A local directory holding ``files`` of ``src``: ``src`` itself when local, else a download."""
     if not is_remote(src):
