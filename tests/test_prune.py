@@ -150,21 +150,21 @@ def test_exact_shards_hard_and_soft_equal_the_in_process_core(tmp_path, capsys):
 
 
 def test_scann_tree_memory_equals_the_in_process_core(tmp_path):
-    """ScaNN trees (by size alone: 21,000 items a shard; this tree makes shards of 20,000 and more
-    trees, the main line of 5,000 and more): the job runs the same searcher, so v is equal, not close."""
-    x, labels, ids = _noisy(42_000, seed=9, noise=0.6, flip_every=40)
+    """ScaNN trees (by size alone: 6,000 items a shard, trees from 5,000): the job runs the same
+    searcher, so v is equal, not close."""
+    x, labels, ids = _noisy(12_000, seed=9, noise=0.6, flip_every=40)
     root = str(tmp_path / "m")
     manifest = write_memory(root, x, labels, ids, num_shards=2, backend="scann", class_names=CLASSES)
     assert all(not e.params["brute_force"] for e in manifest.shards)
     live_ids, v = _oracle(root, 1, self_k=10)
-    assert (v > 0).sum() > 1000
+    assert (v > 0).sum() > 300
     soft = prune_memory(root, self_k=10, soft=True, pipeline_args=PIPE)
     assert soft["version"] == 2 and soft["reweighted_shards"] == 2
     _check_soft(root, 2, live_ids, v)
     hard = prune_memory(root, self_k=10, hard=3, pipeline_args=PIPE)
-    assert hard["version"] == 3 and _removed(root, 3) == set(live_ids[v >= 3]) and hard["removed"] > 100
+    assert hard["version"] == 3 and _removed(root, 3) == set(live_ids[v >= 3]) and hard["removed"] > 30
     with Memory.open(root, 3) as mem:
-        assert len(mem) == 42_000 - hard["removed"]
+        assert len(mem) == 12_000 - hard["removed"]
         assert not set(mem.search(x[:300], 30).ids.ravel()) & set(live_ids[v >= 3])
 
 
