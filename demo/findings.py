@@ -16,6 +16,12 @@ def findings(metrics_path: str, parts: dict) -> list[str]:
     enc = parts.get("scaling-encoders", {}).get("figures")
     if enc:
         lines.append(_encoders(enc))
+    ls = parts.get("label-sources", {}).get("figures")
+    if ls:
+        acc = ls["accuracy"]
+        lines.append(f"- Pseudo-labels from one memory, filtered (rank, k = {ls['k']}): human labels only "
+                     f"{100 * acc['human labels only']:.2f}%, human + pseudo-labels "
+                     f"{100 * acc['human + pseudo-labels']:.2f}% (`--include label_source=human` inside each shard).")
     un = parts["unlearning"]["figures"]
     lines.append(f"- Unlearning is exact (section 3.4): {un['forget_hits_after']} forget-set items retrieved after "
                  f"removal; equal to a rebuilt memory: {'yes' if un['equals_rebuilt'] else 'no'}.")

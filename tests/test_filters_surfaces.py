@@ -80,3 +80,19 @@ def test_http_classify_and_neighbours_filter_like_the_library(memory):
         assert bad.status_code == 422 and "Input should be 'human' or 'teacher'" in bad.text
         unknown = c.post("/v1/neighbors", json={"embeddings": q[:2].tolist(), "include": {"uri": ["a"]}})
         assert unknown.status_code == 422
+
+
+def test_the_demo_reports_one_memory_with_and_without_its_pseudo_labels(memory):
+    from demo.experiments import label_sources
+    from eval.experiments.common import Split
+
+    root, q, human, web = memory
+    labels = np.asarray(schema.read_embeddings(str(root / "q.parquet"))["labels"])
+    part = label_sources(str(root / "m"), Split(q, labels, np.arange(len(q))), k=9)
+    with Memory.open(str(root / "m")) as mem:
+        only = mem.classify(q, 9, "rank", where=ItemFilter.of(include={"label_source": "human"}))
+        every = mem.classify(q, 9, "rank")
+    acc = part["figures"]["accuracy"]
+    assert acc["human labels only"] == float((only.predictions == labels).mean())
+    assert acc["human + pseudo-labels"] == float((every.predictions == labels).mean())
+    assert "| human labels only |" in part["report"]
