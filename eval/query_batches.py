@@ -16,6 +16,8 @@ reader's memory is a batch and that buffer, whatever the size of the file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +40,7 @@ class QueryFile:
     label_min: int | None  # None: the footer holds no statistics for the label column
     label_max: int | None
     columns: tuple = ()
+    fingerprint: str = ""  # of the footer (row groups, sizes, statistics): another file, another fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,8 @@ def describe(files: list[str]) -> list[QueryFile]:
             raise ValueError(f"{path}: column 'embedding' must be a fixed-size list of floats, got {emb}")
         lo, hi = _label_range(md)
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-        out.append(QueryFile(path, md.num_rows, emb.list_size, meta, lo, hi, tuple(schema.names)))
+        footer = hashlib.sha256(json.dumps(md.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        out.append(QueryFile(path, md.num_rows, emb.list_size, meta, lo, hi, tuple(schema.names), footer))
     return out
 
 
