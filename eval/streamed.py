@@ -255,7 +255,6 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
                   workers=workers)
     voting.check_ties(ties)
     output_paths.check_folder(out_dir, "--out")
-    memory_path, queries_path, out_dir = _absolute(memory_path), _absolute(queries_path), os.path.abspath(out_dir)
     manifest = mf.read_manifest(memory_path, version)
     qfiles = query_batches.describe(schema.shard_files(queries_path))
     query_batches.check(qfiles, manifest, memory_path, queries_path)
@@ -263,26 +262,29 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     _check_routing(probe_shards, manifest, memory_path)
     ofiles = []
     if ood_queries_path:
-        ood_queries_path = _absolute(ood_queries_path)
         ofiles = query_batches.describe(schema.shard_files(ood_queries_path))
         query_batches.check(ofiles, manifest, memory_path, ood_queries_path, what="out-of-distribution queries",
                             labelled=False)
+    # The report names the paths as given; the workers, which need not share this working directory, get them whole.
+    qfiles_abs = [dataclasses.replace(f, path=_absolute(f.path)) for f in qfiles]
+    ofiles_abs = [dataclasses.replace(f, path=_absolute(f.path)) for f in ofiles]
     rows = search_batch(batch_size, k_max)
-    batches = query_batches.plan(qfiles, rows, "q") + query_batches.plan(ofiles, rows, "ood")
-    job = Job(memory_path, manifest.version, out_dir, k_max, ties, seed, probe_shards, len(manifest.class_names))
-    store = BatchStore(out_dir)
+    batches = query_batches.plan(qfiles_abs, rows, "q") + query_batches.plan(ofiles_abs, rows, "ood")
+    job = Job(_absolute(memory_path), manifest.version, os.path.abspath(out_dir), k_max, ties, seed, probe_shards,
+              len(manifest.class_names))
+    store = BatchStore(job.out_dir)
     t0 = time.perf_counter()
     hosted = bool(ray_address)
     used_workers, reranked = 0, None
     with store.kept_only_if_useful():
-        store.claim(_identity(job, qfiles, ofiles, rows))
+        store.claim(_identity(job, qfiles_abs, ofiles_abs, rows))
         todo = [b for b in batches if not store.done(b)]
         if todo or (reranker is not None):
             with _ray_session(ray_address), _driver_memory(job, hosted, hosted or reranker is not None) as mem:
                 if todo:
                     used_workers = _run_on_ray(job, todo, store, workers, mem.shards if hosted else None, progress)
                 if reranker is not None:
-                    q, truth, uris = _first_labelled(query_batches.plan(qfiles, rows, "q"), qfiles, rerank_queries)
+                    q, truth, uris = _first_labelled([b for b in batches if b.kind == "q"], qfiles, rerank_queries)
                     reranked = inprocess.rerank(mem, memory_path, reranker, q, truth, uris, min(rerank_k, k_max),
                                                 ties)
     missing = [b.key for b in batches if not store.done(b)]

@@ -94,7 +94,9 @@ def test_streamed_report_equals_the_in_process_one(tmp_path, local_ray):
     assert_same_report(str(tmp_path / "st"), str(tmp_path / "in"))
 
 
-def test_routed_streamed_eval_equals_in_process(tmp_path, local_ray):
+def test_routed_streamed_eval_equals_in_process(tmp_path, local_ray, monkeypatch):
+    """A k-means memory searched with probe_shards=1, the released code's tie rule, paths relative to the
+    working directory (the workers get them whole; the report names them as given)."""
     from pipelines.build import build_memory
 
     x, labels = clustered(1900, 16, 12, seed=21, noise=0.6)
@@ -106,10 +108,13 @@ def test_routed_streamed_eval_equals_in_process(tmp_path, local_ray):
     build_memory(str(tmp_path / "m.parquet"), mem, num_shards=4, class_names=list("abcd"), partition="kmeans",
                  kmeans_cells=16, backend="exact", pipeline_args=["--direct_running_mode=in_memory"])
     kw = dict(k_max=20, batch_size=100, probe_shards=1, ties="leader")
-    want = evaluate(mem, queries, str(tmp_path / "in"), **kw)
-    got = evaluate_streamed(mem, queries, str(tmp_path / "st"), progress=False, **kw)
-    assert_same_report(str(tmp_path / "st"), str(tmp_path / "in"), got, want)
-    assert "searched only its 1 nearest shards" in open(got["report"]).read()
+    monkeypatch.chdir(tmp_path)
+    want = evaluate("mem", "q.parquet", "in", **kw)
+    got = evaluate_streamed("mem", "q.parquet", "st", progress=False, **kw)
+    assert_same_report("st", "in", got, want)
+    assert got["report"] == os.path.join("st", "report.md")
+    report = open(got["report"]).read()
+    assert "searched only its 1 nearest shards" in report and "Memory `mem` (version 1); queries `q.parquet`" in report
 
 
 def test_100k_queries_streamed_equal_in_process(tmp_path, local_ray):
