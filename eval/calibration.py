@@ -50,8 +50,8 @@ def figure(k: int, bins: dict, curve_histogram: tuple, at_coverage: list) -> dic
     :func:`eval.metrics.coverage_histogram` and its points at :data:`COVERAGES`."""
     count = np.asarray(bins["count"])
     return {"k": int(k), "accuracy": int(np.sum(bins["correct"])) / int(count.sum()),
-            "reliability": metrics.reliability_from_bins(bins), "risk_coverage": metrics.coverage_curve(*curve_histogram),
-            "at_coverage": at_coverage}
+            "reliability": metrics.reliability_from_bins(bins),
+            "risk_coverage": metrics.coverage_curve(*curve_histogram), "at_coverage": at_coverage}
 
 
 def headline(fig: dict) -> dict:

@@ -133,7 +133,8 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
 
 def write_outputs(out_dir: str, memory_path: str, version: int, queries_path: str, timing: dict, scores: "Scores",
                   best: dict, honest: dict, confident: dict, reranked, ties: str) -> dict:
-    """Write ``metrics.jsonl``, the PNG plots and ``report.md`` under ``out_dir``; the summary ``vismem eval`` prints."""
+    """Write ``metrics.jsonl``, the PNG plots and ``report.md`` under ``out_dir``; return the summary
+    ``vismem eval`` prints."""
     os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     _write_metrics(out_dir, _records(scores, best, honest, timing, reranked, ties) + calibration.records(confident))
     figures = plots.write_eval_plots(out_dir, acc=scores.acc, hit=scores.hit, rel=scores.rel,

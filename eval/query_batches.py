@@ -1,4 +1,4 @@
-"""Query embedding shards as a stream of batches: checked from their footers, cut into batches, read one batch at a time.
+"""Query embedding shards as a stream of batches: checked from their footers, cut, read a batch at a time.
 
 A batch is up to ``rows`` consecutive rows of one shard (batch ``j`` of a file holds its rows
 ``[j * rows, (j + 1) * rows)``): a function of the files alone, so a rerun, a worker and the

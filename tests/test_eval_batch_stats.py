@@ -96,7 +96,8 @@ def test_reliability_sums_confidences_exactly():
         inside = which == b
         if inside.any():  # the correctly rounded sum (math.fsum), then one division
             assert r["confidence"][b] == math.fsum(conf[inside]) / inside.sum()
-    halves = [metrics.confidence_bins(conf[:1234], correct[:1234]), metrics.confidence_bins(conf[1234:], correct[1234:])]
+    halves = [metrics.confidence_bins(conf[:1234], correct[:1234]),
+              metrics.confidence_bins(conf[1234:], correct[1234:])]
     merged = metrics.reliability_from_bins(batch_stats.merge(batch_stats.merge(None, halves[0]), halves[1]))
     for key in ("count", "confidence", "accuracy"):
         np.testing.assert_array_equal(merged[key], r[key])
