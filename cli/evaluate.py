@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 from cli.common import (CLASS_NAMES_HELP, add_ties, class_names, comma_names, count, fraction, int_list,
                         non_negative_int, output_folder)
@@ -21,8 +22,22 @@ Inputs are embedding shards (a file, a directory of shards, or a glob; local or 
 writes NAME.json and report-NAME.md under --out and rebuilds experiments.md from every part there."""
 
 
+EVAL_DESCRIPTION = "\n\n".join(textwrap.fill(p, 100) for p in (
+    "One retrieval pass at --k-max through the fan-out layer, then every figure from the same neighbour lists: "
+    "top-1 accuracy of every voting rule at every k (best k on the evaluation set, and the honest figure with k "
+    "and alpha/tau/xi chosen on a held-out half of the queries, a hash of each query's id), hit rate, neighbour "
+    "reliability with its log fit, calibration, each rule's confidence at its best k (reliability diagram with "
+    "its expected calibration error, risk-coverage with the accuracy at 90% coverage), distances to the first 100 "
+    "neighbours (in- vs out-of-distribution with --ood) and hyper-parameter sweeps. Writes metrics.jsonl, PNG "
+    "plots and report.md under --out.",
+    "The queries are streamed: Ray Data (a local instance, or the cluster of --ray-address) reads them batch by "
+    "batch, a pool of workers searches and scores each batch, and the figures are added up from per-batch counts "
+    "kept under OUT/batches, so memory does not grow with the number of queries, and a killed run, rerun, reuses "
+    "every batch it finished. --in-process holds every query's neighbours in this process instead: the same "
+    "report, to the last digit."))
+
+
 def _run_eval(a) -> dict:
-    from eval.evaluate import evaluate
     from eval.rerank import HttpVisionLanguageReranker
 
     reranker = None
@@ -30,32 +45,41 @@ def _run_eval(a) -> dict:
         if not a.rerank_model:
             raise ValueError("--rerank-endpoint needs --rerank-model")
         reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
-    return evaluate(a.memory, a.queries, a.out, k_max=a.k_max, ood_queries_path=a.ood,
-                    batch_size=a.batch_size, seed=a.seed, version=a.version, ray_address=a.ray_address,
-                    reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
-                    probe_shards=a.probe_shards, ties=a.ties)
+    kw = dict(k_max=a.k_max, ood_queries_path=a.ood, batch_size=a.batch_size, seed=a.seed, version=a.version,
+              ray_address=a.ray_address, reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
+              probe_shards=a.probe_shards, ties=a.ties)
+    if a.in_process:
+        if a.workers is not None:
+            raise ValueError("--workers sizes the streamed job's worker pool; --in-process runs in this process alone")
+        from eval.evaluate import evaluate
+
+        return evaluate(a.memory, a.queries, a.out, **kw)
+    from eval.streamed import evaluate_streamed
+
+    return evaluate_streamed(a.memory, a.queries, a.out, workers=a.workers, progress=not a.no_progress, **kw)
 
 
 def add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a memory against labelled query embeddings",
-        description="One retrieval pass at --k-max through the fan-out layer, then every figure from the "
-        "same neighbour lists: top-1 accuracy of every voting rule at every k (best k on the evaluation "
-        "set, and the honest figure with k and alpha/tau/xi chosen on a held-out half of the queries), "
-        "hit rate, neighbour reliability with its log fit, calibration, each rule's confidence at its best k "
-        "(reliability diagram with its expected calibration error, risk-coverage with the accuracy at 90% "
-        "coverage), distances to the first 100 neighbours (in- vs out-of-distribution with --ood) and "
-        "hyper-parameter sweeps. Writes metrics.jsonl, PNG plots and report.md under --out.",
-        epilog="example: vismem eval /data/fmnist-memory test.parquet --out eval-out --k-max 100",
+        description=EVAL_DESCRIPTION,
+        epilog="examples:\n  vismem eval /data/fmnist-memory test-emb/ --out eval-out --k-max 100\n"
+        "  vismem eval gs://bucket/memory 'gs://bucket/test-emb/*.parquet' --out eval-out --workers 8\n"
+        "  vismem eval /data/fmnist-memory test.parquet --out eval-out --in-process",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("memory", help="memory directory or gs:// URL")
-    p.add_argument("queries", help="embedding shard (Parquet) of labelled query embeddings")
+    p.add_argument("queries", help="embedding shards of labelled query embeddings: a Parquet file, a folder of "
+                   "them or a glob, local or gs://")
     p.add_argument("--out", required=True,
-                   help="output folder for report.md, metrics.jsonl, plots (created only when the run succeeds)")
+                   help="output folder for report.md, metrics.jsonl and plots (written when the run succeeds); a "
+                   "streamed run keeps its per-batch state under OUT/batches, which a rerun with the same inputs "
+                   "reuses")
     p.add_argument("--k-max", type=count, default=100,
                    help="neighbours retrieved once per query (default 100; at most the memory's live items)")
-    p.add_argument("--ood", default=None, help="embedding shard of out-of-distribution queries (distances plot)")
-    p.add_argument("--batch-size", type=count, default=4096, help="queries per search batch")
+    p.add_argument("--ood", default=None, help="embedding shards of out-of-distribution queries (distances plot)")
+    p.add_argument("--batch-size", type=count, default=4096,
+                   help="queries per search batch: rows of one shard at a time (default 4096)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the held-out split")
     p.add_argument("--version", type=count, default=None, help="memory version to pin (default latest)")
     p.add_argument("--rerank-endpoint", default=None,
@@ -68,7 +92,15 @@ def add_eval(sub) -> None:
                    help="k-means memories: search each query only in its P nearest shards (default: all)")
     add_ties(p)
     p.add_argument("--ray-address", default=None,
-                   help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local')")
+                   help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local'); the "
+                   "streamed job runs there too (default: a local Ray instance, each worker opening the memory)")
+    p.add_argument("--workers", type=count, default=None,
+                   help="streamed job: workers searching and scoring batches (default: the cluster's CPUs; each "
+                   "opens the memory, unless the shards are hosted with --ray-address)")
+    p.add_argument("--in-process", action="store_true",
+                   help="hold every query's neighbours in this process and compute the figures from them (the "
+                   "streamed job's oracle; memory grows with the number of queries)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_eval)
 
 

@@ -5,7 +5,9 @@ the server report it. For each rule at the k where it is most accurate on the ev
 default hyper-parameters, as in the evaluation's "for comparison" table), from the same neighbour
 lists: the reliability diagram in 10 equal-width confidence bins with its expected calibration
 error, and the risk-coverage curve (queries answered most confident first) with the accuracy at
-each tenth of coverage, 90% the headline (``eval.metrics``).
+each tenth of coverage, 90% the headline (``eval.metrics``). A streamed evaluation (``eval.streamed``)
+makes the same :func:`figure` from counts added up batch by batch and exact order statistics
+(``eval.selection``).
 """
 from __future__ import annotations
 
@@ -20,21 +22,36 @@ HEADLINE = 0.9  # the coverage the report and the demo state
 
 def confidence_figures(labels, sims, truth, *, num_classes: int, best: dict, weights=None, ties: str = "nearest",
                        alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0) -> dict:
-    """``{method: {"k", "accuracy", "confidence", "correct", "reliability", "risk_coverage", "at_coverage"}}``
-    for each rule of ``best`` (``{method: {"k": ...}}``) at its k; ``at_coverage`` holds one
-    :func:`eval.metrics.accuracy_at_coverage` per entry of :data:`COVERAGES`."""
+    """``{method: {"k", "accuracy", "reliability", "risk_coverage", "at_coverage"}}`` for each rule of
+    ``best`` (``{method: {"k": ...}}``) at its k: :func:`figure` from every query's confidence at once.
+    ``at_coverage`` holds one :func:`eval.metrics.accuracy_at_coverage` per entry of :data:`COVERAGES`;
+    ``risk_coverage`` is the curve at 1/1000 confidence resolution (:func:`eval.metrics.coverage_curve`)."""
     out = {}
     for method, chosen in best.items():
         k = int(chosen["k"])
-        scores, preds = voting.vote_and_predict(labels, sims, method=method, num_classes=num_classes, k=k,
-                                                weights=weights, alpha=alpha, tau=tau, xi=xi, ties=ties)
-        conf = confidence.confidence(scores, preds)
-        correct = preds == np.asarray(truth)
-        out[method] = {"k": k, "accuracy": float(correct.mean()), "confidence": conf, "correct": correct,
-                       "reliability": metrics.reliability(conf, correct),
-                       "risk_coverage": metrics.risk_coverage(conf, correct),
-                       "at_coverage": [metrics.accuracy_at_coverage(conf, correct, c) for c in COVERAGES]}
+        conf, correct = confidence_at_k(labels, sims, truth, method=method, k=k, num_classes=num_classes,
+                                        weights=weights, ties=ties, alpha=alpha, tau=tau, xi=xi)
+        out[method] = figure(k, metrics.confidence_bins(conf, correct), metrics.coverage_histogram(conf, correct),
+                             [metrics.accuracy_at_coverage(conf, correct, c) for c in COVERAGES])
     return out
+
+
+def confidence_at_k(labels, sims, truth, *, method: str, k: int, num_classes: int, weights=None,
+                    ties: str = "nearest", alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0):
+    """``(confidence, correct)``, ``(Q,)`` each: every query's confidence in ``method``'s vote at ``k``, as
+    ``Memory.classify`` gives it, and whether that vote is right."""
+    scores, preds = voting.vote_and_predict(labels, sims, method=method, num_classes=num_classes, k=k,
+                                            weights=weights, alpha=alpha, tau=tau, xi=xi, ties=ties)
+    return confidence.confidence(scores, preds), preds == np.asarray(truth)
+
+
+def figure(k: int, bins: dict, curve_histogram: tuple, at_coverage: list) -> dict:
+    """One rule's confidence figures from (merged) :func:`eval.metrics.confidence_bins`,
+    :func:`eval.metrics.coverage_histogram` and its points at :data:`COVERAGES`."""
+    count = np.asarray(bins["count"])
+    return {"k": int(k), "accuracy": int(np.sum(bins["correct"])) / int(count.sum()),
+            "reliability": metrics.reliability_from_bins(bins),
+            "risk_coverage": metrics.coverage_curve(*curve_histogram), "at_coverage": at_coverage}
 
 
 def headline(fig: dict) -> dict:

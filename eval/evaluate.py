@@ -2,12 +2,17 @@
 
 Figures (DESIGN.md): top-1 accuracy of every voting rule at every k, reported two ways — the best k
 on the evaluation set itself (as the paper reports) and the honest figure, where k and the rule's
-hyper-parameter (alpha, tau, xi) are chosen on a held-out half of the queries and applied to the
-other half; hit rate at k; neighbour reliability with its ``a * ln(i) + b`` fit; calibration;
-each rule's confidence at its best k: reliability diagram, ECE and risk-coverage
-(``eval.calibration``); distances to the first 100 neighbours (in- versus out-of-distribution when
-OOD queries are given); and hyper-parameter sweeps. Output: ``metrics.jsonl``, ``report.md`` with
-tables, PNG plots.
+hyper-parameter (alpha, tau, xi) are chosen on a held-out half of the queries (a hash of each
+query's id, ``eval.batch_stats.held_out_tune``) and applied to the other half; hit rate at k;
+neighbour reliability with its ``a * ln(i) + b`` fit; calibration; each rule's confidence at its
+best k: reliability diagram, ECE and risk-coverage (``eval.calibration``); distances to the first
+100 neighbours (in- versus out-of-distribution when OOD queries are given); and hyper-parameter
+sweeps. Output: ``metrics.jsonl``, ``report.md`` with tables, PNG plots.
+
+:func:`evaluate` holds every query's neighbours in this process (queries x k-max labels,
+similarities and weights) and computes each figure from those arrays: the in-process evaluation
+(``vismem eval --in-process``) and the oracle of the streamed one (``eval.streamed``), which must
+write the same report. Both search the same batches (``eval.query_batches``).
 """
 from __future__ import annotations
 
@@ -20,75 +25,59 @@ import time
 
 import numpy as np
 
-from eval import calibration, images, metrics, plots
+from eval import calibration, images, metrics, plots, query_batches
+from eval.batch_stats import (CALIBRATION_K, DEFAULTS, DISTANCE_COLUMNS, SWEEPS, check_split, choose,  # noqa: F401
+                              held_out_tune, honest_record, params)
 from memory import manifest as mf
-from memory import output_paths, voting
+from memory import output_paths, schema, voting
 from memory.memory import Memory
 from memory.query import check_k, positive_ints, read_queries, search_batch
 
-SWEEPS = {
-    "rank": ("alpha", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)),
-    "softmax": ("tau", (0.01, 0.03, 0.07, 0.1, 0.3, 1.0)),
-    "distance": ("xi", (0.5, 1.0, 2.0, 4.0, 8.0)),
-    "plurality": (None, (None,)),
-}
-DEFAULTS = {"alpha": 2.0, "tau": 0.07, "xi": 1.0}
 _TIE_WORDS = {"nearest": "the tied class whose best-ranked neighbour is nearest wins",
               "leader": "the tied class that reached the top score first keeps it (the released code's rule)"}
 
 
-def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, batch_size: int = 4096,
-             probe_shards: int | None = None):
-    """``(labels, sims, weights)`` of the k_max nearest neighbours of every query, in batches
-    (``probe_shards``: routed search on a k-means memory)."""
+def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, bounds, probe_shards: int | None = None):
+    """``(labels, sims, weights)`` of the k_max nearest neighbours of every query, one search per
+    ``embeddings[a:b]`` of ``bounds`` (``probe_shards``: routed search on a k-means memory)."""
     from tqdm import tqdm
 
-    parts, step = [], search_batch(batch_size, k_max)
-    for start in tqdm(range(0, len(embeddings), step), desc="retrieve", unit="batch",
-                      disable=len(embeddings) <= step):
-        nb = memory.search(embeddings[start:start + step], k_max, probe_shards=probe_shards)
-        parts.append((nb.labels, nb.sims, nb.weights))
+    parts = []
+    for a, b in tqdm(bounds, desc="retrieve", unit="batch", disable=len(bounds) <= 1):
+        if b > a:
+            nb = memory.search(embeddings[a:b], k_max, probe_shards=probe_shards)
+            parts.append((nb.labels, nb.sims, nb.weights))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
 def sweep_accuracy(labels, sims, truth, num_classes, weights=None, ties="nearest") -> dict:
     """``{method: {value: accuracy (K,)}}`` over each rule's hyper-parameter grid."""
     out = {}
-    for method, (param, values) in SWEEPS.items():
+    for method, (_, values) in SWEEPS.items():
         out[method] = {}
         for value in values:
-            kw = dict(DEFAULTS)
-            if param:
-                kw[param] = value
             acc = metrics.accuracy_all_k(labels, sims, truth, num_classes=num_classes, methods=(method,),
-                                         weights=weights, ties=ties, **kw)[method]
+                                         weights=weights, ties=ties, **params(method, value))[method]
             out[method][value] = acc
     return out
 
 
-def honest_choice(labels, sims, truth, num_classes, *, seed: int = 0, weights=None, ties="nearest") -> dict:
-    """Choose (k, hyper-parameter) per rule on a random half of the queries; score the other half."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(truth))
-    tune, test = perm[: len(truth) // 2], perm[len(truth) // 2:]
-    if len(tune) == 0 or len(test) == 0:
-        raise ValueError("need at least 2 labelled queries to choose hyper-parameters on a held-out split")
-    w_t = None if weights is None else weights[tune]
-    w_e = None if weights is None else weights[test]
-    tuned = sweep_accuracy(labels[tune], sims[tune], truth[tune], num_classes, w_t, ties)
+def honest_choice(labels, sims, truth, num_classes, *, tune, seed: int = 0, weights=None, ties="nearest") -> dict:
+    """Choose (k, hyper-parameter) per rule on the queries of ``tune`` (``(Q,)`` bool, :func:`held_out_tune`
+    of their ids and ``seed``); score the others."""
+    tune = np.asarray(tune, dtype=bool)
+    test = ~tune
+    check_split(int(tune.sum()), int(test.sum()), seed)
+
+    def rows(a, sel):
+        return None if a is None else a[sel]
+
+    tuned = sweep_accuracy(labels[tune], sims[tune], truth[tune], num_classes, rows(weights, tune), ties)
     out = {}
-    for method, by_value in tuned.items():
-        value, acc = max(by_value.items(), key=lambda kv: kv[1].max())
-        k = int(acc.argmax()) + 1
-        param = SWEEPS[method][0]
-        kw = dict(DEFAULTS)
-        if param:
-            kw[param] = value
-        pred = voting.predict(labels[test], sims[test], method=method, num_classes=num_classes, k=k,
-                              weights=w_e, ties=ties, **kw)
-        out[method] = {"k": k, "param": param, "value": value, "tune_accuracy": float(acc.max()),
-                       "test_accuracy": float((pred == truth[test]).mean()), "tune_n": len(tune),
-                       "test_n": len(test)}
+    for method, (value, k, tune_acc) in choose(tuned).items():
+        acc = metrics.accuracy_all_k(labels[test], sims[test], truth[test], num_classes=num_classes, methods=(method,),
+                                     weights=rows(weights, test), ties=ties, **params(method, value))[method]
+        out[method] = honest_record(method, value, k, tune_acc, acc[k - 1], tune.sum(), test.sum())
     return out
 
 
@@ -97,7 +86,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
              version: int | None = None, ray_address: str | None = None, reranker=None,
              rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
              ties: str = "nearest") -> dict:
-    """Evaluate a memory against labelled query embeddings; write the report under ``out_dir``.
+    """Evaluate a memory against labelled query embeddings in this process; write the report under ``out_dir``.
 
     With a ``reranker`` (``eval.rerank.Reranker``), the first ``rerank_queries`` queries and their
     ``rerank_k`` neighbours (images resolved from the items' uris by :func:`memory.uris.resolve`)
@@ -117,23 +106,36 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     voting.check_ties(ties)
     output_paths.check_folder(out_dir, "--out")
     manifest = mf.read_manifest(memory_path, version)
-    q, truth, uris = _labelled_queries(queries_path, manifest, memory_path)
+    rows = search_batch(batch_size, k_max)
+    q, truth, uris, ids, bounds = _labelled_queries(queries_path, manifest, memory_path, rows)
     check_k(k_max, manifest, memory_path, "k-max")
-    ood = None if not ood_queries_path else read_queries(
-        ood_queries_path, manifest, memory_path, what="out-of-distribution queries", check_labels=False)["embeddings"]
+    ood = None
+    if ood_queries_path:
+        files = query_batches.describe(schema.shard_files(ood_queries_path))
+        ood = (read_queries(ood_queries_path, manifest, memory_path, what="out-of-distribution queries",
+                            check_labels=False)["embeddings"],
+               query_batches.global_bounds(files, query_batches.plan(files, rows, "ood")))
     with _hosts(ray_address) as hosts, Memory.open(memory_path, manifest.version, hosts=hosts) as mem:
-        got = _retrieve_all(mem, q, truth, k_max, batch_size, probe_shards, ood)
+        got = _retrieve_all(mem, q, truth, bounds, k_max, probe_shards, ood)
         reranked = None
         if reranker is not None:
             n = rerank_queries
-            reranked = _rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max), ties)
+            reranked = rerank(mem, memory_path, reranker, q[:n], truth[:n], uris[:n], min(rerank_k, k_max), ties)
     scores = score(got, truth, k_max, ties)
-    best, honest = choose(got, scores.acc, truth, seed, ties)
+    best, honest = choose_k(got, scores.acc, truth, held_out_tune(ids, seed), seed, ties)
     confident = calibration.confidence_figures(got.labels, got.sims, truth, num_classes=got.num_classes, best=best,
                                                weights=got.weights, ties=ties, **DEFAULTS)
-    os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
+    return write_outputs(out_dir, memory_path, got.version, queries_path, timing, scores, best, honest, confident,
+                         reranked, ties)
+
+
+def write_outputs(out_dir: str, memory_path: str, version: int, queries_path: str, timing: dict, scores: "Scores",
+                  best: dict, honest: dict, confident: dict, reranked, ties: str) -> dict:
+    """Write ``metrics.jsonl``, the PNG plots and ``report.md`` under ``out_dir``; return the summary
+    ``vismem eval`` prints."""
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails leaves no folder behind
     _write_metrics(out_dir, _records(scores, best, honest, timing, reranked, ties) + calibration.records(confident))
     figures = plots.write_eval_plots(out_dir, acc=scores.acc, hit=scores.hit, rel=scores.rel,
                                      rel_fit=scores.rel_fit, cal=scores.cal, dist_in=scores.dist_in,
@@ -141,7 +143,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     figures += plots.write_confidence_plots(out_dir, confident)
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as f:
-        f.write(_report(memory_path, got.version, queries_path, timing, best, honest, scores, figures, reranked,
+        f.write(_report(memory_path, version, queries_path, timing, best, honest, scores, figures, reranked,
                         ties, calibration.report_lines(confident)))
     return {"report": report, "best_k_on_eval_set": best,
             "held_out_choice": {m: {"k": v["k"], v["param"] or "param": v["value"],
@@ -177,14 +179,20 @@ class Scores:
     seconds: float
 
 
-def _labelled_queries(queries_path: str, manifest, memory_path: str):
-    """``(embeddings, labels, uris)`` of the labelled rows of the query set, checked against the memory
-    (``memory.query.read_queries``: encoder, dimension, labels within its classes)."""
+def _labelled_queries(queries_path: str, manifest, memory_path: str, rows: int):
+    """``(embeddings, labels, uris, ids, bounds)`` of the labelled rows of the query set, checked against
+    the memory (``memory.query.read_queries``: encoder, dimension, labels within its classes);
+    ``bounds``: each search batch (``eval.query_batches``) as a range of those rows."""
+    files = query_batches.describe(schema.shard_files(queries_path))
     queries = read_queries(queries_path, manifest, memory_path)
     known = queries["labels"] >= 0
     if not known.any():
-        raise ValueError(f"{queries_path} has no labelled rows (label >= 0): nothing to evaluate against")
-    return queries["embeddings"][known], queries["labels"][known], queries["provenance"]["uri"][known]
+        raise ValueError(query_batches.unlabelled_message(queries_path, files))
+    before = np.concatenate([[0], np.cumsum(known)])  # labelled rows before each row
+    bounds = [(int(before[a]), int(before[b]))
+              for a, b in query_batches.global_bounds(files, query_batches.plan(files, rows))]
+    return (queries["embeddings"][known], queries["labels"][known], queries["provenance"]["uri"][known],
+            queries["ids"][known], bounds)
 
 
 @contextlib.contextmanager
@@ -210,16 +218,17 @@ def _hosts(ray_address: str | None):
                 ray.shutdown()
 
 
-def _retrieve_all(mem: Memory, q, truth, k_max: int, batch_size: int, probe_shards, ood) -> Retrieval:
-    """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' (``ood``) similarities."""
+def _retrieve_all(mem: Memory, q, truth, bounds, k_max: int, probe_shards, ood) -> Retrieval:
+    """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' (``ood``: embeddings and
+    batch bounds) similarities."""
     if k_max > len(mem):
         raise ValueError(f"k-max {k_max} exceeds the memory's {len(mem)} items")
     if truth.max() >= mem.num_classes:
         raise ValueError(f"query labels reach {truth.max()}, but the memory has {mem.num_classes} classes")
     t0 = time.perf_counter()
-    labels, sims, weights = retrieve(mem, q, k_max, batch_size, probe_shards)
+    labels, sims, weights = retrieve(mem, q, k_max, bounds, probe_shards)
     seconds = time.perf_counter() - t0
-    ood_sims = retrieve(mem, ood, k_max, batch_size, probe_shards)[1] if ood is not None else None
+    ood_sims = retrieve(mem, ood[0], k_max, ood[1], probe_shards)[1] if ood is not None else None
     return Retrieval(labels, sims, weights, ood_sims, seconds, mem.num_classes, mem.version)
 
 
@@ -233,17 +242,22 @@ def score(got: Retrieval, truth, k_max: int, ties: str = "nearest") -> Scores:
     return Scores(
         acc=acc, sweeps=sweep_accuracy(labels, sims, truth, num_classes, weights, ties),
         hit=metrics.hit_rate(labels, truth), rel=rel, rel_fit=metrics.fit_log(rel),
-        cal=metrics.calibration(labels, truth, num_classes=num_classes, k=min(100, k_max), ties=ties),
-        dist_in=(1.0 - sims[:, :100]).mean(axis=0),
-        dist_ood=None if got.ood_sims is None else (1.0 - got.ood_sims[:, :100]).mean(axis=0),
+        cal=metrics.calibration(labels, truth, num_classes=num_classes, k=min(CALIBRATION_K, k_max), ties=ties),
+        dist_in=metrics.mean_distance(*metrics.distance_sums(sims, DISTANCE_COLUMNS)),
+        dist_ood=None if got.ood_sims is None else metrics.mean_distance(
+            *metrics.distance_sums(got.ood_sims, DISTANCE_COLUMNS)),
         seconds=seconds)
 
 
-def choose(got: Retrieval, acc: dict, truth, seed: int, ties: str = "nearest") -> tuple[dict, dict]:
+def best_on_eval_set(acc: dict) -> dict:
+    """``{method: {"k", "accuracy"}}``: the k where each rule is most accurate on the evaluation set itself."""
+    return {m: {"k": int(a.argmax()) + 1, "accuracy": float(a.max())} for m, a in acc.items()}
+
+
+def choose_k(got: Retrieval, acc: dict, truth, tune, seed: int, ties: str = "nearest") -> tuple[dict, dict]:
     """The choice stage: ``(best k on the evaluation set itself, held-out choice)`` per rule."""
-    best = {m: {"k": int(a.argmax()) + 1, "accuracy": float(a.max())} for m, a in acc.items()}
-    return best, honest_choice(got.labels, got.sims, truth, got.num_classes, seed=seed, weights=got.weights,
-                               ties=ties)
+    return best_on_eval_set(acc), honest_choice(got.labels, got.sims, truth, got.num_classes, tune=tune, seed=seed,
+                                                weights=got.weights, ties=ties)
 
 
 def _records(s: Scores, best, honest, timing, reranked, ties) -> list:
@@ -277,7 +291,7 @@ def _write_metrics(out_dir: str, records: list) -> None:
             f.write(json.dumps(r, default=float) + "\n")
 
 
-def _rerank(mem, memory_path, reranker, q, truth, uris, k, ties="nearest") -> dict:
+def rerank(mem, memory_path, reranker, q, truth, uris, k, ties="nearest") -> dict:
     """Send each query and its k labelled neighbours to the re-ranker; score it beside rank voting."""
     from eval.rerank import Neighbour, rerank_accuracy
 
