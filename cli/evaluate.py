@@ -5,8 +5,8 @@ import argparse
 import os
 import textwrap
 
-from cli.common import (CLASS_NAMES_HELP, add_ties, class_names, comma_names, count, fraction, int_list,
-                        non_negative_int, output_folder)
+from cli.common import (CLASS_NAMES_HELP, add_filters, add_ties, class_names, comma_names, count, fraction,
+                        int_list, item_filter, non_negative_int, output_folder)
 
 EXPERIMENT_EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
@@ -47,7 +47,7 @@ def _run_eval(a) -> dict:
         reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
     kw = dict(k_max=a.k_max, ood_queries_path=a.ood, batch_size=a.batch_size, seed=a.seed, version=a.version,
               ray_address=a.ray_address, reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
-              probe_shards=a.probe_shards, ties=a.ties)
+              probe_shards=a.probe_shards, ties=a.ties, where=item_filter(a))
     if a.in_process:
         if a.workers is not None:
             raise ValueError("--workers sizes the streamed job's worker pool; --in-process runs in this process alone")
@@ -91,6 +91,7 @@ def add_eval(sub) -> None:
     p.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in its P nearest shards (default: all)")
     add_ties(p)
+    add_filters(p)
     p.add_argument("--ray-address", default=None,
                    help="host the shards in Ray actors on this cluster (e.g. ray://head:10001, or 'local'); the "
                    "streamed job runs there too (default: a local Ray instance, each worker opening the memory)")

@@ -73,6 +73,7 @@ class Job:
     seed: int
     probe_shards: int | None
     num_classes: int
+    where: object = None  # memory.filters.ItemFilter (picklable), or None
 
 
 class BatchStore:
@@ -185,7 +186,7 @@ def run_batches(mem, job: Job, batches: list, store: BatchStore) -> int:
 def _search(mem, job: Job, queries, batch):
     """The batch's neighbours at k-max; a refused query (NaN, zero) named with its file and rows."""
     try:
-        return mem.search(queries, job.k_max, probe_shards=job.probe_shards)
+        return mem.search(queries, job.k_max, probe_shards=job.probe_shards, where=job.where)
     except ValueError as exc:
         raise ValueError(f"{batch.path} (rows {batch.start}..{batch.stop - 1}): {exc}") from None
 
@@ -198,8 +199,8 @@ class EvalWorker:
     that the driver raises as it is, one line, where Ray would wrap it in its own traceback.
     """
 
-    def __init__(self, job: dict, shards=None):
-        self.job = Job(**job)
+    def __init__(self, job: dict, shards=None, where=None):
+        self.job = Job(**{**job, "where": where})  # the filter travels pickled, not as asdict's plain dict
         self.mem = open_memory(self.job, shards)
         self.store = BatchStore(self.job.out_dir)
 
@@ -232,7 +233,8 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
                       ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
                       version: int | None = None, ray_address: str | None = None, reranker=None,
                       rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
-                      ties: str = "nearest", workers: int | None = None, progress: bool = True) -> dict:
+                      ties: str = "nearest", workers: int | None = None, progress: bool = True,
+                      where=None) -> dict:
     """:func:`eval.evaluate.evaluate`'s report, from query shards streamed through Ray Data (module docstring).
 
     Without ``ray_address`` a local Ray instance is started (or the connected one used) and every
@@ -271,7 +273,7 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     rows = search_batch(batch_size, k_max)
     batches = query_batches.plan(qfiles_abs, rows, "q") + query_batches.plan(ofiles_abs, rows, "ood")
     job = Job(_absolute(memory_path), manifest.version, os.path.abspath(out_dir), k_max, ties, seed, probe_shards,
-              len(manifest.class_names))
+              len(manifest.class_names), where)
     store = BatchStore(job.out_dir)
     t0 = time.perf_counter()
     hosted = bool(ray_address)
@@ -299,7 +301,8 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     confident = _confidence_figures(store, [b for b in batches if b.kind == "q"], best, job)
     n = int(stats["n"])
     retrieval_s, scoring_s = float(stats.get("retrieval_s", 0.0)), float(stats.get("scoring_s", 0.0))
-    timing = {"queries": n, "k_max": k_max, "probe_shards": probe_shards, "retrieval_s": retrieval_s,
+    timing = {"queries": n, "k_max": k_max, "probe_shards": probe_shards,
+              "filter": where.describe() if where is not None else None, "retrieval_s": retrieval_s,
               "scoring_all_rules_all_k_s": scoring_s, "scoring_over_retrieval": scoring_s / max(retrieval_s, 1e-12),
               "engine": "ray-data", "workers": used_workers, "wall_s": time.perf_counter() - t0}
     summary = inprocess.write_outputs(out_dir, memory_path, manifest.version, queries_path, timing, scores, best,
@@ -323,6 +326,7 @@ def _identity(job: Job, qfiles, ofiles, rows: int) -> dict:
     """What the batches of a run depend on: a rerun must match it to reuse them."""
     return {"format": STATE_FORMAT, "memory": job.memory, "version": job.version, "k_max": job.k_max,
             "ties": job.ties, "seed": job.seed, "probe_shards": job.probe_shards, "rows_per_batch": rows,
+            "filter": job.where.to_json() if job.where is not None else None,
             "queries": [[f.path, f.rows, f.fingerprint] for f in qfiles],
             "ood": [[f.path, f.rows, f.fingerprint] for f in ofiles]}
 
@@ -380,7 +384,8 @@ def _run_on_ray(job: Job, todo: list, store: BatchStore, workers: int | None, sh
     items = [{"task": json.dumps([dataclasses.asdict(b) for b in g])} for g in groups]
     # Ray-hosted shards hold the CPUs; the workers mostly wait on them, so they reserve none.
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        EvalWorker, fn_constructor_kwargs={"job": dataclasses.asdict(job), "shards": shards}, batch_size=1,
+        EvalWorker, fn_constructor_kwargs={"job": dataclasses.asdict(dataclasses.replace(job, where=None)),
+                                           "where": job.where, "shards": shards}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if shards is not None else 1)
     bar = tqdm(total=len(todo), desc="eval", unit="batch", disable=not progress or len(todo) <= 1)
     try:

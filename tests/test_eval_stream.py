@@ -117,6 +117,33 @@ def test_routed_streamed_eval_equals_in_process(tmp_path, local_ray, monkeypatch
     assert "searched only its 1 nearest shards" in report and "Memory `mem` (version 1); queries `q.parquet`" in report
 
 
+def test_filtered_eval_streamed_equals_in_process_and_a_memory_of_the_allowed_items(tmp_path, local_ray):
+    """``--include label_source=human``: only human-labelled items vote, in both engines alike; the
+    votes equal those of a memory built from the human-labelled items alone."""
+    from memory.filters import ItemFilter
+
+    x, labels = clustered(1500, 16, 5, seed=41, noise=0.8)
+    n = 1200
+    human = np.arange(n) % 3 == 0
+    prov = {"label_source": np.where(human, "human", "teacher").astype(object)}
+    ids = np.array([f"m{i}" for i in range(n)], dtype=object)
+    names = [f"c{i}" for i in range(5)]
+    write_memory(str(tmp_path / "m"), x[:n], labels[:n], ids, num_shards=3, class_names=names, provenance=prov)
+    write_memory(str(tmp_path / "h"), x[:n][human], labels[:n][human], ids[human], num_shards=2, class_names=names)
+    queries = str(tmp_path / "q.parquet")
+    schema.write_embeddings(queries, schema.embedding_table([f"q{i}" for i in range(300)], x[n:], labels[n:]))
+    kw = dict(k_max=30, batch_size=64, where=ItemFilter.of(include={"label_source": "human"}))
+    want = evaluate(str(tmp_path / "m"), queries, str(tmp_path / "in"), **kw)
+    got = evaluate_streamed(str(tmp_path / "m"), queries, str(tmp_path / "st"), progress=False, **kw)
+    assert_same_report(str(tmp_path / "st"), str(tmp_path / "in"), got, want)
+    assert "only items with label_source in {human} vote" in open(got["report"]).read()
+    alone = evaluate(str(tmp_path / "h"), queries, str(tmp_path / "alone"), k_max=30, batch_size=64)
+    accuracy = [(r["method"], r["k"], r["accuracy"]) for r in figures(str(tmp_path / "in"))
+                if r["figure"] == "accuracy_by_k" and r["method"] in ("plurality", "rank")]
+    assert accuracy and accuracy == [(r["method"], r["k"], r["accuracy"]) for r in figures(str(tmp_path / "alone"))
+                                     if r["figure"] == "accuracy_by_k" and r["method"] in ("plurality", "rank")]
+
+
 def test_100k_queries_streamed_equal_in_process(tmp_path, local_ray):
     """100,000 queries (8-d, 25 batches of 4,096) against 3,000 items: the same report, and the streamed
     job's workers never hold more than a batch of neighbour lists."""
