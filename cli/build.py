@@ -145,7 +145,8 @@ def add_build(sub) -> None:
     b.add_argument("--dim", type=count, default=None, help="embedding dimension (default: the inputs' majority)")
     b.add_argument("--norm-tolerance", type=finite, default=0.01,
                    help="reject rows whose L2 norm is further than this from 1 (negative: accept any non-zero norm)")
-    b.add_argument("--kmeans-sample", type=count, default=100_000, help="rows sampled to train k-means centroids")
+    b.add_argument("--kmeans-sample", type=count, default=None,
+                   help="rows sampled to train the k-means cells (default: 256 per cell, 100,000 to 1,000,000)")
     b.add_argument("--kmeans-cells", type=count, default=None,
                    help="k-means cells, grouped into the shards (default: 16 per shard); a query visits the "
                         "shards of its nearest cells, so more cells route more precisely")

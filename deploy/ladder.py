@@ -175,7 +175,7 @@ print("SUMMARY " + json.dumps(s, default=str))
 
 
 def watched_build(inputs, out: str, *, num_shards: int, workers: int, partition: str = "kmeans",
-                  kmeans_sample: int = 100_000, names=None) -> dict:
+                  kmeans_sample: int | None = None, names=None) -> dict:
     """The Beam build (multi-process DirectRunner) of ``inputs`` at ``out`` in a fresh driver process,
     watched: wall and CPU seconds of the process tree, peak RSS of the driver and of its largest worker."""
     import json

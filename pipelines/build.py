@@ -112,7 +112,7 @@ def _names_for_build(given, info: dict) -> tuple:
 
 def build_memory(embeddings, out: str, *, num_shards: int | None = None, class_names=None, partition: str = "hash",
                  backend: str = "scann", backend_params: dict | None = None, storage: str = "float32",
-                 norm_tolerance: float | None = 0.01, dim: int | None = None, kmeans_sample: int = 100_000,
+                 norm_tolerance: float | None = 0.01, dim: int | None = None, kmeans_sample: int | None = None,
                  kmeans_cells: int | None = None, seed: int = 0, batch_rows: int = 65536, pipeline_args=None,
                  target_recall: float | None = DEFAULT_TARGET_RECALL, tuning_queries: str | None = None,
                  storage_dtype: str | None = None, progress=SILENT, skip_bad_files: bool = False) -> dict:

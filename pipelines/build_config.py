@@ -44,7 +44,7 @@ class BuildConfig:
     norm_tolerance: float | None = 0.01
     readmit: bool = False
     batch_rows: int = 65536
-    kmeans_sample: int = 100_000
+    kmeans_sample: int | None = None  # None: memory.partition.default_sample
     kmeans_cells: int | None = None
     seed: int = 0
     encoder: dict = dataclasses.field(default_factory=dict)  # EncoderSpec.to_manifest() of the inputs

@@ -35,7 +35,7 @@ from apache_beam.metrics import Metrics
 
 from memory import manifest as mf
 from memory import items, removals, schema, storage, tuning
-from memory.partition import default_cells, hash_partition, kmeans_partition, train_router
+from memory.partition import default_cells, default_sample, hash_partition, kmeans_partition, train_router
 from memory.shard import write_shard
 from pipelines import validate
 from pipelines.build_stage import (concat_batches, read_ids, read_pieces, remove_staging, split_by_shard, staging_dir,
@@ -293,7 +293,8 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
     """Add the build's transforms to ``p`` (the graph in this module's docstring)."""
     files = p | "Files" >> beam.Create(list(cfg.files)) | "SpreadFiles" >> beam.Reshuffle()
     if cfg.partition == "kmeans" and cfg.centroids is None:
-        fraction = min(1.0, cfg.kmeans_sample / max(cfg.total_rows, 1))
+        sample = cfg.kmeans_sample or default_sample(cfg.num_shards, cfg.kmeans_cells)
+        fraction = min(1.0, sample / max(cfg.total_rows, 1))
         router = (files | "Sample" >> beam.ParDo(SampleFile(cfg), fraction)
                   | "PoolSample" >> beam.CombineGlobally(ConcatRows(cfg.dim))
                   | "KMeans" >> beam.Map(train_centroids, cfg))

@@ -67,3 +67,14 @@ def test_default_cells():
     assert default_cells(4, 100_000) == 64
     assert default_cells(4, 1000) == 20
     assert default_cells(4, 10) == 4
+
+
+def test_the_kmeans_sample_grows_with_the_cells_it_trains():
+    """256 rows per cell, within [100,000, 1,000,000]: a 10M-item memory's 1,280 cells get 327,680 rows
+    (78 each with the old fixed 100,000); small memories keep 100,000; a billion-item one is capped."""
+    from memory.partition import default_cells, default_sample
+
+    assert default_sample(2) == default_sample(20) == 100_000
+    assert default_sample(80) == 327_680 and default_cells(80, default_sample(80)) == 1_280
+    assert default_sample(8, cells=2_048) == 524_288
+    assert default_sample(7_212) == 1_000_000 and default_cells(7_212, 1_000_000) == 20_000
