@@ -102,6 +102,14 @@ def validate(points, shard_items):
             fit = fit_size([p["n"] for p in known], [p[key] for p in known], unit=unit)
             pred = fit.at(last["n"])
         out[key] = {"measured": last[key], "predicted": pred, "error": pred / last[key] - 1, "model": fit.model}
+    # What vismem plan predicts for the build's wall time: the fixed start-up (the wall fit's intercept)
+    # plus the build CPU spread over the workers (deploy.plan._build), not the wall fit itself.
+    wall = fit_size([p["n"] for p in known], [p["build_wall_s"] for p in known])
+    cpu = fit_size([p["n"] for p in known], [p["build_cpu_s"] for p in known])
+    used = min(int(last.get("workers", 1)), -(-int(last["n"]) // int(shard_items)))
+    pred = wall.a + cpu.at(last["n"]) / max(used, 1)
+    out["build_wall_s (plan)"] = {"measured": last["build_wall_s"], "predicted": pred,
+                                  "error": pred / last["build_wall_s"] - 1, "model": f"{wall.a:.0f} s + CPU / {used}"}
     for target in ("0.95",):
         pts = [p for p in known if target in p["query"]]
         if target in last["query"] and len(pts) >= 2:
