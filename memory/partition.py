@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -109,16 +110,26 @@ def group_cells(centroids, counts, num_shards: int, *, slack: float = 0.1) -> np
     return out
 
 
+CELLS_PER_SHARD = 16  # default k-means cells per shard (default_cells)
+SAMPLE_ROWS_PER_CELL = 256
+SAMPLE_MIN, SAMPLE_MAX = 100_000, 1_000_000
+
+
 def default_sample(num_shards: int, cells: int | None = None) -> int:
     """Rows to train k-means on: 256 per cell (faiss's warning threshold is 39), at least 100,000 and at
     most 1,000,000 (one process trains them). A fixed 100,000 left a 10M-item memory's 1,280 cells
     78 rows each, and its routed queries needed 3 shards for recall 0.95 where 2.5M items needed 1."""
-    return int(max(100_000, min(1_000_000, 256 * (cells or 16 * int(num_shards)))))
+    return int(max(SAMPLE_MIN, min(SAMPLE_MAX, SAMPLE_ROWS_PER_CELL * (cells or CELLS_PER_SHARD * int(num_shards)))))
+
+
+def shards_at_sample_cap() -> int:
+    """The fewest shards whose default k-means sample is at its cap (245): beyond them it stops growing."""
+    return math.ceil(SAMPLE_MAX / (SAMPLE_ROWS_PER_CELL * CELLS_PER_SHARD))
 
 
 def default_cells(num_shards: int, sample_rows: int) -> int:
     """16 cells per shard, while each cell keeps about 50 sample rows to train on; never below one per shard."""
-    return int(max(num_shards, min(16 * num_shards, sample_rows // 50)))
+    return int(max(num_shards, min(CELLS_PER_SHARD * num_shards, sample_rows // 50)))
 
 
 def train_router(sample, num_shards: int, cells: int | None = None, *, seed: int = 0):

@@ -88,6 +88,18 @@ def test_plan_figures_follow_from_the_calibration():
     assert int8.value("build_core_hours") == pytest.approx(1e-4 * 1e8 * 2 * 1.5 / 3600)
 
 
+def test_the_build_driver_stops_growing_with_the_kmeans_sample():
+    """A driver whose RSS grew with the items (the k-means sample did) is planned at the size where the
+    sample reaches its cap (245 shards x 100,000 items in this calibration), not extrapolated past it."""
+    d = hand_calibration()
+    d["figures"]["driver_rss"] = _fit("linear", 5e8, 50.0)
+    cal = parse_calibration(d, "hand")
+    small, huge = (pl.make_plan(pl.Request(items=n, dim=100, storage="float32", recall=0.95, qps=10,
+                                           machine=pl.Machine(16, 64 * 10**9)), cal) for n in (10**7, 10**9))
+    assert small.value("build_driver_ram") == pytest.approx(5e8 + 50.0 * 1e7)
+    assert huge.value("build_driver_ram") == pytest.approx(5e8 + 50.0 * 245 * 100_000)
+
+
 def test_cli_json_parses(cal_file, capsys):
     rc = main(["plan", "--items", "1e8", "--dim", "200", "--storage", "int8", "--recall", "0.95", "--qps", "500",
                "--machine", "cores=4,ram=40GB", "--calibration", cal_file, "--json"])
