@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from memory.pruning import hard_keep, soft_weights  # the formulas live with the memory operation (vismem prune)
+# The count and the formulas live with the memory operation (vismem prune); this lays them out per item.
+from memory.pruning import block_counts, hard_keep, soft_weights
 
 __all__ = ["hard_keep", "soft_weights", "wrong_contributions"]
 
@@ -29,25 +30,12 @@ def wrong_contributions(query_ids, query_labels, neighbour_ids, neighbour_labels
         item_ids: ``(N,)`` every memory item, the order of the returned counts.
         k: neighbours per query that count.
     """
-    query_ids = np.asarray(query_ids).astype(str)
-    nb_ids = np.asarray(neighbour_ids).astype(str)
-    nb_labels = np.asarray(neighbour_labels)
-    if nb_ids.shape != nb_labels.shape or nb_ids.shape[0] != len(query_ids):
-        raise ValueError("neighbour ids and labels must be (Q, K) for the Q queries")
-    if nb_ids.shape[1] < k + 1:
-        raise ValueError(f"search at least k + 1 = {k + 1} neighbours so the self-match can be dropped")
-    not_self = nb_ids != query_ids[:, None]
-    # The first k neighbours that are not the query itself (stable: keeps best-first order).
-    order = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
-    ids = np.take_along_axis(nb_ids, order, axis=1)
-    labels = np.take_along_axis(nb_labels, order, axis=1)
-    wrong = (labels != np.asarray(query_labels)[:, None]) & (labels >= 0) & (ids != "")
+    hit_ids, hits = block_counts(query_ids, query_labels, neighbour_ids, neighbour_labels, k)
     items = np.asarray(item_ids).astype(str)
     position = {item: i for i, item in enumerate(items)}
-    counts = np.zeros(len(items), dtype=np.int64)
-    hit_ids = ids[wrong]
     idx = np.fromiter((position.get(i, -1) for i in hit_ids), dtype=np.int64, count=len(hit_ids))
     if (idx < 0).any():
         raise ValueError(f"neighbour id {hit_ids[idx < 0][0]!r} is not among the memory's items")
-    np.add.at(counts, idx, 1)
+    counts = np.zeros(len(items), dtype=np.int64)
+    counts[idx] = hits  # block_counts gives each id once
     return counts
