@@ -201,7 +201,7 @@ def test_bad_input_is_refused_at_the_door_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="probe_shards needs a k-means partitioned memory"):
         evaluate_streamed(mem, labelled, str(tmp_path / "o"), probe_shards=1)
     # Batches of another evaluation in the same folder are never mixed in: the difference is named.
-    from eval.streamed import BatchStore
+    from eval.batch_store import BatchStore
     BatchStore(str(tmp_path / "o")).claim({"k_max": 5})
     with pytest.raises(ValueError, match=r"holds the batches of another evaluation \(it differs in .*k_max"):
         evaluate_streamed(mem, labelled, str(tmp_path / "o"), k_max=7)
