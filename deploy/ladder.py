@@ -250,7 +250,7 @@ def leaf_base(mem) -> int | None:
 
 
 def routed_curve(mem, queries, truth, sweep: Sweep) -> list[dict]:
-    """recall@10, q/s and CPU per query of routed search over the sweep. At each probe count, leaves
+    """recall@10, q/s and CPU per query (fastest of 3 runs) of routed search over the sweep. At each probe count, leaves
     grow until the highest target is met or recall stops growing (the reorder depth caps it); probe
     counts grow until one meets the highest target at its first setting, or recall stops growing."""
     base = leaf_base(mem)
@@ -261,7 +261,7 @@ def routed_curve(mem, queries, truth, sweep: Sweep) -> list[dict]:
         for f in sweep.leaf_factors if base else (None,):
             leaves = max(1, round(base * f)) if base else None
             wall, cpu, nb = measured(lambda: mem.search(queries, 10, probe_shards=p, leaves_to_search=leaves,
-                                                         reorder=sweep.reorder), len(queries))
+                                                         reorder=sweep.reorder), len(queries), repeat=3)
             at_p.append({"probe_shards": p, "leaves": leaves, "recall@10": recall_at(nb.ids, truth),
                          "qps": len(queries) / wall, "cpu_s_per_query": cpu / len(queries)})
             flat = len(at_p) > 1 and at_p[-1]["recall@10"] < at_p[-2]["recall@10"] + 1e-3

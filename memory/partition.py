@@ -26,7 +26,9 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
     loses every point is re-seeded at the point farthest from its centroid, so no shard is empty
     by construction. The same sample and seed give the same centroids on every machine.
     """
-    x = np.asarray(sample, dtype=np.float64)
+    # float32 throughout (one copy of the sample): the sample reaches 1M rows x dim, and a float64 copy
+    # was most of the k-means step's memory; sums are accumulated in float64.
+    x = np.asarray(sample, dtype=np.float32)
     k = int(num_shards)
     if k < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -36,15 +38,15 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
     centroids = [x[rng.integers(len(x))]]
     best = x @ centroids[0]
     for _ in range(1, k):
-        gap = np.maximum(1.0 - best, 0.0) ** 2  # squared chordal distance / 2 on the unit sphere
+        gap = np.maximum(1.0 - best.astype(np.float64), 0.0) ** 2  # squared chordal distance / 2 on the unit sphere
         p = gap / gap.sum() if gap.sum() > 0 else None
         c = x[rng.choice(len(x), p=p)]
         centroids.append(c)
-        best = np.maximum(best, x @ c)
+        np.maximum(best, x @ c, out=best)
     c = np.stack(centroids)
     for _ in range(iterations):
         assign, best = _nearest(x, c)
-        new = np.zeros_like(c)
+        new = np.zeros(c.shape, np.float64)
         np.add.at(new, assign, x)
         counts = np.bincount(assign, minlength=k)
         for j in np.flatnonzero(counts == 0):
@@ -52,8 +54,8 @@ def train_kmeans(sample, num_shards: int, *, seed: int = 0, iterations: int = 25
             new[j] = x[far]
             assign[far], best[far] = j, np.inf
         norms = np.linalg.norm(new, axis=1, keepdims=True)
-        new = new / np.where(norms > 0, norms, 1.0)
-        if np.allclose(new, c, atol=1e-7):
+        new = (new / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        if np.allclose(new, c, atol=1e-6):
             c = new
             break
         c = new
@@ -64,7 +66,7 @@ def _nearest(x, c, block: int = 8192):
     """``(index, similarity)`` of each row's most similar centroid, in row blocks: memory stays at
     ``block x len(c)`` however large the sample and the number of cells."""
     assign = np.empty(len(x), np.int64)
-    best = np.empty(len(x), np.float64)
+    best = np.empty(len(x), np.float32)
     for a in range(0, len(x), block):
         sims = x[a:a + block] @ c.T
         assign[a:a + block] = sims.argmax(1)

@@ -38,8 +38,8 @@ from memory import items, removals, schema, storage, tuning
 from memory.partition import default_cells, default_sample, hash_partition, kmeans_partition, train_router
 from memory.shard import write_shard
 from pipelines import validate
-from pipelines.build_stage import (concat_batches, read_ids, read_pieces, remove_staging, split_by_shard, staging_dir,
-                                   write_ids, write_piece)
+from pipelines.build_stage import (concat_batches, read_ids, read_pieces, read_sample, remove_staging, split_by_shard,
+                                   staging_dir, write_ids, write_piece, write_sample)
 from pipelines.beam_runner import METRICS
 from pipelines.build_config import BuildConfig
 from pipelines.build_publish import publish, write_dead_letter
@@ -153,7 +153,9 @@ class StageFile(beam.DoFn):
 
 
 class SampleFile(beam.DoFn):
-    """One embedding file in, the k-means training sample of its valid rows out (a first pass; nothing else)."""
+    """One embedding file in, the path of a staging file holding the k-means training sample of its valid rows
+    out (a first pass; nothing else). Only the path goes through the runner: with the rows themselves the
+    multi-process DirectRunner's driver held the whole sample (1.1 GB at 10M items)."""
 
     def __init__(self, cfg: BuildConfig):
         self.cfg = cfg
@@ -163,13 +165,17 @@ class SampleFile(beam.DoFn):
         self.markers = marker_dir(self.cfg.out, self.cfg.version, self.cfg.token)
 
     def process(self, path, fraction):
-        count = 0
+        count, rows = 0, []
         for good, dead in valid_batches(path, self.cfg, self.forgotten):
             if good is not None:
                 count += len(good["ids"]) + len(dead)
             if good is not None and len(good["ids"]):
-                yield sample_rows(good, fraction)
+                rows.append(sample_rows(good, fraction))
         mark(self.markers, "sample", path, count)
+        rows = np.concatenate(rows) if rows else np.zeros((0, self.cfg.dim or 0), np.float32)
+        if len(rows):
+            folder = staging_dir(self.cfg.out, self.cfg.version, self.cfg.token)
+            yield write_sample(folder, rows)
 
 
 def existing_id_buckets(item, cfg: BuildConfig):
@@ -221,27 +227,15 @@ class ConcatLists(beam.CombineFn):
         return acc
 
 
-class ConcatRows(ConcatLists):
-    """Row blocks ``(n_i, dim)`` in, one ``(sum n_i, dim)`` array out."""
-
-    def __init__(self, dim):
-        self.dim = dim
-
-    def add_input(self, acc, rows):
-        acc.append(rows)
-        return acc
-
-    def extract_output(self, acc):
-        return np.concatenate(acc) if acc else np.zeros((0, self.dim), np.float32)
-
-
-def train_centroids(sample, cfg: BuildConfig) -> dict:
-    """The k-means router: ``{"centroids": [[...]], "cell_partitions": [...]}`` (cells and their shards)."""
+def train_centroids(sample_paths, cfg: BuildConfig) -> dict:
+    """The k-means router trained on the staged sample files: ``{"centroids": [[...]], "cell_partitions":
+    [...]}`` (cells and their shards)."""
+    sample = read_sample(sorted(sample_paths), cfg.dim)
     cells = cfg.kmeans_cells or default_cells(cfg.num_shards, len(sample))
     if len(sample) < cells:
         raise ValueError(f"k-means needs at least {cells} valid rows to sample (one per cell), got {len(sample)}")
     # Order the sample canonically so the centroids do not depend on bundle order.
-    sample = sample[np.lexsort(sample.T[::-1])]
+    sample = sample[np.lexsort(sample.T[::-1])]  # (the unsorted copy is dropped here: one copy held)
     log.info("training %d k-means cells for %d shards on %d sampled rows", cells, cfg.num_shards, len(sample))
     centroids, cell_partitions = train_router(sample, cfg.num_shards, cells, seed=cfg.seed)
     return {"centroids": [list(map(float, c)) for c in centroids], "cell_partitions": [int(p) for p in cell_partitions]}
@@ -296,7 +290,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig):
         sample = cfg.kmeans_sample or default_sample(cfg.num_shards, cfg.kmeans_cells)
         fraction = min(1.0, sample / max(cfg.total_rows, 1))
         router = (files | "Sample" >> beam.ParDo(SampleFile(cfg), fraction)
-                  | "PoolSample" >> beam.CombineGlobally(ConcatRows(cfg.dim))
+                  | "PoolSample" >> beam.combiners.ToList()
                   | "KMeans" >> beam.Map(train_centroids, cfg))
     else:
         known = None if not cfg.centroids else {

@@ -11,6 +11,7 @@ the leftovers of a failed run like its other unfinished folders) and is removed 
 """
 from __future__ import annotations
 
+import io
 import uuid
 
 import numpy as np
@@ -58,6 +59,31 @@ def write_ids(folder: str, bucket: int, ids) -> str:
     path = storage.join(folder, f"ids-{bucket:05d}", f"{uuid.uuid4().hex}.parquet")
     storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
     return path
+
+
+def write_sample(folder: str, rows) -> str:
+    """k-means training rows (float32) as a staging ``.npy`` file; the row count is in its name, so
+    :func:`read_sample` fills one array without a second copy."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    sink = io.BytesIO()
+    np.save(sink, rows, allow_pickle=False)
+    path = storage.join(folder, "sample", f"{len(rows)}-{uuid.uuid4().hex}.npy")
+    storage.write_bytes_atomic(path, sink.getvalue())
+    return path
+
+
+def read_sample(paths, dim: int | None = None) -> np.ndarray:
+    """The rows of the staging files written by :func:`write_sample`, in ``paths`` order, as one array."""
+    counts = [int(p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]) for p in paths]
+    out = None
+    at = 0
+    for p, n in zip(paths, counts):
+        part = np.load(io.BytesIO(storage.read_bytes(p)), allow_pickle=False)
+        if out is None:
+            out = np.empty((sum(counts), part.shape[1]), np.float32)
+        out[at:at + n] = part
+        at += n
+    return out if out is not None else np.zeros((0, dim or 0), np.float32)
 
 
 def read_ids(paths) -> np.ndarray:
