@@ -16,7 +16,9 @@ embeddings (1,280-d) with 2,000 held-out test images as queries (shards under 5,
 brute force, so leaves and reorder then change only the unsharded tree).
 
 Also printed: the routing ceiling, the share of true top-10 neighbours that lie in the P shards a
-query visits, whatever the search inside a shard does.
+query visits, whatever the search inside a shard does. ``--margins 0.03,0.05,0.08`` adds routed
+searchers with a probe margin (a query visits its 2nd..P-th nearest shards only where they are
+within the margin of its nearest; P is the largest of ``--probes``), with the shards each visits.
 
 Targets: at recall@10 >= 0.99 the routed memory keeps at least 0.9x the queries/s of the
 unsharded searcher (issue 4); the one-shard memory >= 0.95x raw ScaNN, routed P = 1 >= 1.3x raw, and
@@ -40,7 +42,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from build import add_beam_args, class_names, direct_runner_args, item_ids, write_inputs  # noqa: E402
 from memory import Memory, write_memory  # noqa: E402
-from memory.partition import kmeans_partition, nearest_partitions  # noqa: E402
+from memory.partition import Router, kmeans_partition  # noqa: E402
 from pipelines.build import build_memory  # noqa: E402
 from search import add_data_args, int_list, make_data, print_table, recall, timed, write_json  # noqa: E402
 
@@ -56,6 +58,9 @@ def parse_args(argv):
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--cells", type=int_list, default="8,128", help="k-means cells per built memory, comma separated")
     ap.add_argument("--probes", type=int_list, default="1,2,3,4", help="probe_shards values to sweep")
+    ap.add_argument("--margins", type=float_list, default="",
+                    help="probe margins to sweep, comma separated (each with P = the largest --probes: a query "
+                         "visits its further shards only within the margin of its nearest)")
     ap.add_argument("--leaves", type=int_list, default="1,2,3,4,6,8,12,16,24",
                     help="leaves searched (per shard for routed memories) to sweep")
     ap.add_argument("--reorders", type=int_list, default="30,50,100,200",
@@ -74,6 +79,10 @@ def parse_args(argv):
                          "queries, every other image the memory (use --queries 2000)")
     ap.add_argument("--out", default="bench-out/routing.json")
     return ap.parse_args(argv)
+
+
+def float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def true_neighbours(x, q):
@@ -164,15 +173,19 @@ def unsharded_searchers(mem, ids):
                                                          reorder=s["reorder"]).ids}
 
 
-def routing_ceiling(x, q, truth_rows, centroids, cell_partitions, probes, label):
-    """For each P in ``probes``: the share of true top-10 neighbours in the P shards a query visits."""
+def routing_ceiling(x, q, truth_rows, centroids, cell_partitions, probes, label, margins=()):
+    """For each P in ``probes`` (and each margin at the largest P): the share of true top-10 neighbours in
+    the shards a query visits, and how many shards it visits on average."""
     item_part = kmeans_partition(x, centroids, cell_partitions)[truth_rows]  # (Q, 10) partition of each
+    router = Router(centroids, cell_partitions)
     ceiling = {}
-    for p in probes:
-        route = nearest_partitions(q, centroids, p, cell_partitions)
+    for p, m in [(p, None) for p in probes] + [(max(probes), m) for m in margins]:
+        route = router(q, p, m)
         inside = (item_part[:, :, None] == route[:, None, :]).any(axis=2)
-        ceiling[f"{label}, P={p}"] = float(inside.mean())
-    print(f"{label}: routing ceiling " + ", ".join(f"P={p} {ceiling[f'{label}, P={p}']:.4f}" for p in probes),
+        key = f"{label}, P={p}" + (f", margin {m:g}" if m is not None else "")
+        ceiling[key] = float(inside.mean())
+        ceiling[key + " (shards visited)"] = float((route >= 0).sum(1).mean())
+    print(f"{label}: routing ceiling " + ", ".join(f"{k.split(', ', 1)[1]} {v:.4f}" for k, v in ceiling.items()),
           flush=True)
     return ceiling
 
@@ -181,11 +194,17 @@ def routed_searchers(args, mem, cells, x, q, truth_rows, ceiling):
     """A k-means memory: its routing ceiling, and one searcher per ``probe_shards`` value."""
     part = mem.manifest.partitioning
     cent, cellp = np.asarray(part.centroids, np.float32), part.cell_partitions
-    ceiling.update(routing_ceiling(x, q, truth_rows, cent, cellp, args.probes, f"cells {cells}"))
-    return {f"k-means {args.shards} shards / {cells} cells, P={p}":
-            (lambda qq, s, p=p: mem.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"],
-                                           probe_shards=p).ids)
-            for p in args.probes}
+    ceiling.update(routing_ceiling(x, q, truth_rows, cent, cellp, args.probes, f"cells {cells}", args.margins))
+    out = {f"k-means {args.shards} shards / {cells} cells, P={p}":
+           (lambda qq, s, p=p: mem.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"],
+                                          probe_shards=p).ids)
+           for p in args.probes}
+    top = max(args.probes)
+    out.update({f"k-means {args.shards} shards / {cells} cells, P<={top}, margin {m:g}":
+                (lambda qq, s, m=m: mem.search(qq, 10, leaves_to_search=s["leaves"], reorder=s["reorder"],
+                                               probe_shards=top, probe_margin=m).ids)
+                for m in args.margins})
+    return out
 
 
 def print_report(res, target):

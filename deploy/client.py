@@ -73,7 +73,7 @@ class VismemClient:
 
         ``images`` are encoded image files (PNG/JPEG bytes), for a server started with ``--encoder``;
         ``voting`` takes ``alpha``, ``tau``, ``xi``, ``use_weights``, ``ties``, ``abstain_below`` and
-        ``probe_shards`` (k-means memories).
+        ``probe_shards`` and ``probe_margin`` (k-means memories).
         ``encoder`` (``EncoderSpec.to_manifest()``) says how the embeddings were made: the server
         refuses them (409) when that differs from the memory's encoder.
         """
@@ -83,14 +83,17 @@ class VismemClient:
         return self._call("POST", "/v1/classify", body)
 
     def neighbors(self, embeddings=None, *, images: list[bytes] | None = None, k: int = 10,
-                  probe_shards: int | None = None, encoder: dict | None = None) -> dict:
+                  probe_shards: int | None = None, probe_margin: float | None = None,
+                  encoder: dict | None = None) -> dict:
         """``{version, neighbours: [[{id, label, label_name, sim}, ...], ...]}``, best first.
 
         ``probe_shards``: on a k-means memory, search only the P shards nearest each query;
+        ``probe_margin``: visit the further ones only within this similarity margin of the nearest;
         ``encoder``: as in :meth:`classify`."""
         body = {**self._queries(embeddings, images), "k": k}
-        if probe_shards is not None:
-            body["probe_shards"] = probe_shards
+        for knob, value in (("probe_shards", probe_shards), ("probe_margin", probe_margin)):
+            if value is not None:
+                body[knob] = value
         if encoder is not None:
             body["encoder"] = dict(encoder)
         return self._call("POST", "/v1/neighbors", body)

@@ -21,7 +21,7 @@ import math
 import re
 
 from deploy.rates import Calibration
-from memory.partition import SAMPLE_MAX, shards_at_sample_cap
+from memory.partition import BLOCK_SIMILARITIES, SAMPLE_MAX, default_cells, default_sample, shards_at_sample_cap
 
 MAX_SHARD_ITEMS = 1_000_000  # larger shards only make a retry, a rebuild and a probe slower
 USABLE_RAM = 0.75            # of a machine's RAM, for shards; the rest for queries, the OS and headroom
@@ -258,6 +258,16 @@ def _build(req: Request, cal: Calibration, shards: int, machines: int, rows: lis
     how = drv.describe(at) + (f"; from {n_cap:,.0f} items ({cap_shards} shards) the k-means sample is at its cap of "
                               f"{SAMPLE_MAX:,} rows and the driver stops growing" if n > n_cap else "")
     rows.append(Row("build_driver_ram", drv.at(at), "B", human_bytes(drv.at(at)), how))
+    # The k-means step is the one task that does not scale with a shard: one worker trains the router on
+    # the whole sample, held once as float32, with a block of similarities (memory.partition.BLOCK_SIMILARITIES), on top of a worker's fixed RSS.
+    sample = default_sample(shards)
+    cells = default_cells(shards, sample)
+    km = cal.figure("worker_rss").a + 4 * sample * req.dim + 4 * BLOCK_SIMILARITIES
+    rows.append(Row("kmeans_worker_ram", km, "B",
+                    f"{human_bytes(km)} on one worker ({sample:,} sampled rows, {cells:,} cells)",
+                    f"worker fixed {human_bytes(cal.figure('worker_rss').a)} + 4 B x rows x dim + a "
+                    f"{human_bytes(4 * BLOCK_SIMILARITIES)} block of similarities (the trainer's arrays; "
+                    f"benchmarks/kmeans_step.py measures them)"))
 
 
 def _embedding(req: Request, cal: Calibration, rows: list) -> None:

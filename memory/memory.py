@@ -17,7 +17,7 @@ from memory.backends import BACKENDS
 from memory.columns import ItemColumns
 from memory.fanout import ThreadFanout
 from memory.filters import ItemFilter
-from memory.partition import Router, hash_partition
+from memory.partition import Router, check_margin, hash_partition
 from memory.items import ItemPolicy, normalise
 from memory.shard import DEFAULT_TARGET_RECALL, Shard, check_target_recall, write_shard
 from memory.topk import first_cut, merge_keys, merge_with_refetch
@@ -219,20 +219,24 @@ class Memory:
         return normalise(q, what="queries")
 
     def search(self, queries, k: int, *, leaves_to_search: int | None = None,
-               reorder: int | None = None, probe_shards: int | None = None, where=None) -> Neighbours:
+               reorder: int | None = None, probe_shards: int | None = None, probe_margin: float | None = None,
+               where=None) -> Neighbours:
         """The global top-k neighbours of each query over all shards, best first.
 
         ``leaves_to_search`` and ``reorder`` override each ScaNN shard's build-time settings (trading
         recall for speed); the exact backend ignores them. ``probe_shards=P`` on a k-means
         partitioned memory searches each query only in the ``P`` partitions nearest to it, a
         partition's distance being that of its most similar k-means cell (all shards when ``P``
-        covers every partition). ``where`` (a ``memory.filters.ItemFilter``) restricts the search to
+        covers every partition). ``probe_margin=m`` visits the second to ``P``-th nearest partitions
+        (every partition without ``P``) only where their similarity is within ``m`` of the nearest
+        one's (``memory.partition.check_margin``). ``where`` (a ``memory.filters.ItemFilter``) restricts the search to
         the items it allows, inside each shard: each query still gets its k nearest allowed items
         (padding only when fewer exist).
 
         Raises:
             ValueError: wrong dimension, NaN/inf or zero queries, k < 1, an empty memory, or
-                ``probe_shards`` on a memory without centroids.
+                ``probe_shards`` or ``probe_margin`` on a memory without centroids, a negative
+                ``probe_margin``.
         """
         q = self._queries(queries, k)
         knobs = {key: v for key, v in (("leaves_to_search", leaves_to_search), ("reorder", reorder)) if v}
@@ -240,7 +244,7 @@ class Memory:
             if not isinstance(where, ItemFilter):
                 raise ValueError(f"where must be a memory.filters.ItemFilter (ItemFilter.of / parse), got {where!r}")
             knobs["where"] = where
-        route = self._route(q, probe_shards)
+        route = self._route(q, probe_shards, check_margin(probe_margin))
         if route is None:
             sims, keys = self._search_all(q, k, knobs)
         else:
@@ -274,24 +278,28 @@ class Memory:
         sims, rows = shard.search_rows(q, k, **knobs)
         return sims, self.columns.keys(index, rows)
 
-    def _route(self, q, probe_shards):
-        """``(Q, P)`` partitions each query visits, nearest first, or None to visit every shard."""
-        if probe_shards is None:
+    def _route(self, q, probe_shards, margin=None):
+        """``(Q, P)`` partitions each query visits, nearest first (-1: a slot the margin skips), or None
+        to visit every shard."""
+        if probe_shards is None and margin is None:
             return None
+        knob = "probe_shards" if probe_shards is not None else "probe_margin"
+        if probe_shards is None:  # a margin alone: every partition within it
+            probe_shards = len(self.shards)
         if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
             raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
         part = self.manifest.partitioning
         if not part.centroids:
             raise ValueError(
-                f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
+                f"{knob} needs a k-means partitioned memory (vismem build --partition kmeans); "
                 f"{self.root} is partitioned by {part.method!r}"
             )
         cells = part.cell_partitions
-        if probe_shards >= (max(cells) + 1 if cells else len(part.centroids)):
+        if probe_shards >= (max(cells) + 1 if cells else len(part.centroids)) and margin is None:
             return None
         if self._router_of is not part:  # one router per partitioning (manifests are replaced, not edited)
             self._router, self._router_of = Router(part.centroids, cells), part
-        return self._router(q, probe_shards)
+        return self._router(q, probe_shards, margin)
 
     def _search_routed(self, q, k, route, knobs):
         """Each shard searches only the queries routed to its partition; one merge at the end.
@@ -313,7 +321,8 @@ class Memory:
         # (query, slot) pairs grouped by partition with one sort: a compare over every pair per
         # shard cost more than a small shard's search at 128 shards.
         flat = route.ravel()
-        order = np.argsort(flat, kind="stable")  # stable: each partition's queries stay ascending
+        order = np.argsort(flat, kind="stable")  # stable: each partition's queries stay ascending; skipped
+        # slots (-1, a probe margin's) sort first and belong to no partition's range
         bounds = np.searchsorted(flat[order], np.arange(int(flat.max()) + 2))
 
         def one(item):
@@ -337,7 +346,7 @@ class Memory:
 
     def classify(self, queries, k: int = 50, method: str = "rank", *, use_weights: bool = True,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0,
-                 probe_shards: int | None = None, ties: str = "nearest",
+                 probe_shards: int | None = None, probe_margin: float | None = None, ties: str = "nearest",
                  abstain_below: float | None = None, where=None) -> Classification:
         """Classify queries by their k nearest neighbours and a voting rule (``memory.voting``).
 
@@ -355,7 +364,7 @@ class Memory:
             raise ValueError(f"unknown voting method {method!r}; choose one of {', '.join(voting.METHODS)}")
         voting.check_ties(ties)
         confidence.check_abstain_below(abstain_below)
-        nb = self.search(queries, k, probe_shards=probe_shards, where=where)
+        nb = self.search(queries, k, probe_shards=probe_shards, probe_margin=probe_margin, where=where)
         kw = dict(method=method, num_classes=self.num_classes, weights=nb.weights if use_weights else None,
                   alpha=alpha, tau=tau, xi=xi, ties=ties)
         scores, voted = voting.vote_and_predict(nb.labels, nb.sims, **kw)

@@ -28,7 +28,7 @@ def _bar(progress, n: int, step: int):
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None,
-                 ties: str = "nearest", abstain_below: float | None = None, where=None,
+                 probe_margin: float | None = None, ties: str = "nearest", abstain_below: float | None = None, where=None,
                  progress=None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
@@ -64,8 +64,8 @@ def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: st
     with Memory.open(memory_path, manifest.version) as mem, _bar(progress, n, step) as bar:
         for start in range(0, n, step):
             res = mem.classify(queries["embeddings"][start:start + step], k, method,
-                               alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards, ties=ties,
-                               abstain_below=abstain_below, where=where)
+                               alpha=alpha, tau=tau, xi=xi, probe_shards=probe_shards, probe_margin=probe_margin,
+                               ties=ties, abstain_below=abstain_below, where=where)
             preds[start:start + step] = res.predictions
             conf[start:start + step] = res.confidence
             abstained[start:start + step] = res.abstained

@@ -230,12 +230,10 @@ class ConcatLists(beam.CombineFn):
 def train_centroids(sample_paths, cfg: BuildConfig) -> dict:
     """The k-means router trained on the staged sample files: ``{"centroids": [[...]], "cell_partitions":
     [...]}`` (cells and their shards)."""
-    sample = read_sample(sorted(sample_paths), cfg.dim)
+    sample = read_sample(sample_paths, cfg.dim)  # in an order fixed by the input files: one copy, no sort
     cells = cfg.kmeans_cells or default_cells(cfg.num_shards, len(sample))
     if len(sample) < cells:
         raise ValueError(f"k-means needs at least {cells} valid rows to sample (one per cell), got {len(sample)}")
-    # Order the sample canonically so the centroids do not depend on bundle order.
-    sample = sample[np.lexsort(sample.T[::-1])]  # (the unsorted copy is dropped here: one copy held)
     log.info("training %d k-means cells for %d shards on %d sampled rows", cells, cfg.num_shards, len(sample))
     centroids, cell_partitions = train_router(sample, cfg.num_shards, cells, seed=cfg.seed)
     return {"centroids": [list(map(float, c)) for c in centroids], "cell_partitions": [int(p) for p in cell_partitions]}

@@ -11,6 +11,7 @@ the leftovers of a failed run like its other unfinished folders) and is removed 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 
@@ -62,18 +63,23 @@ def write_ids(folder: str, bucket: int, ids) -> str:
 
 
 def write_sample(folder: str, rows) -> str:
-    """k-means training rows (float32) as a staging ``.npy`` file; the row count is in its name, so
-    :func:`read_sample` fills one array without a second copy."""
+    """k-means training rows (float32, one input file's) as a staging ``.npy`` file. Its name is the
+    row count and a hash of the rows: :func:`read_sample` fills one array without a second copy, and
+    the sorted hashes put the files in an order that depends on their contents alone, not on paths,
+    runners or bundles (a retry rewrites the same file)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     sink = io.BytesIO()
     np.save(sink, rows, allow_pickle=False)
-    path = storage.join(folder, "sample", f"{len(rows)}-{uuid.uuid4().hex}.npy")
+    key = hashlib.blake2b(rows.tobytes(), digest_size=12).hexdigest()
+    path = storage.join(folder, "sample", f"{len(rows)}-{key}.npy")
     storage.write_bytes_atomic(path, sink.getvalue())
     return path
 
 
 def read_sample(paths, dim: int | None = None) -> np.ndarray:
-    """The rows of the staging files written by :func:`write_sample`, in ``paths`` order, as one array."""
+    """The rows of the staging files written by :func:`write_sample`, in ``paths`` order, as one array
+    (read in the order of their hashes, not their row counts)."""
+    paths = sorted(paths, key=lambda p: p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[1])
     counts = [int(p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]) for p in paths]
     out = None
     at = 0

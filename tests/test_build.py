@@ -10,7 +10,7 @@ import pytest
 from conftest import clustered, oracle_topk
 from memory import Memory, schema, write_memory
 from memory import manifest as mf
-from memory.partition import hash_partition, nearest_partitions
+from memory.partition import Router, hash_partition, nearest_partitions
 from pipelines.build import add_to_memory, build_memory
 
 # Every DoFn is pickled into worker processes, as on a real distributed runner.
@@ -186,6 +186,19 @@ def test_kmeans_build_routes_queries_to_nearest_shards(tmp_path, cells):
         item_part = cell_part[(x @ centroids.T).argmax(1)]
         for i in range(0, len(q), 37):
             allowed = np.isin(item_part, route[i])
+            w, _ = oracle_topk(q[i:i + 1], x[allowed], ids[allowed], 10)
+            np.testing.assert_array_equal(got.ids[i], w[0])
+        # With a probe margin, equal to an exact search over the partitions within the margin, and
+        # between one probe and four in what it visits.
+        router = Router(centroids, cell_part)
+        near = np.sort(q @ centroids.T, axis=1)  # (one cell per partition when cells=8; enough either way)
+        margin = float(np.median(near[:, -1] - near[:, -2]))  # about half the queries visit a second one
+        route = router(q, 4, margin)
+        assert ((route >= 0).sum(1) >= 1).all() and (route[:, 0] >= 0).all()
+        assert 1 < (route >= 0).sum(1).mean() < 4, (route >= 0).sum(1).mean()
+        got = mem.search(q, 10, probe_shards=4, probe_margin=margin)
+        for i in range(0, len(q), 23):
+            allowed = np.isin(item_part, route[i][route[i] >= 0])
             w, _ = oracle_topk(q[i:i + 1], x[allowed], ids[allowed], 10)
             np.testing.assert_array_equal(got.ids[i], w[0])
     # Tight clusters (noise 0.3 around 40 centres) fall almost whole into one k-means cell, so one

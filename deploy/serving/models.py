@@ -67,6 +67,9 @@ class Query(BaseModel):
     k: Whole = Field(10, description="neighbours per query, 1 to the server's max_k")
     probe_shards: PositiveWhole | None = Field(
         None, description="k-means memories: search only the P shards nearest each query (default: all)")
+    probe_margin: float | None = Field(
+        None, ge=0, le=2, description="k-means memories: visit a query's 2nd..P-th nearest shards (every shard "
+        "without probe_shards) only where its similarity to them is within this margin (cosine) of the nearest's")
     encoder: EncoderDescription | None = Field(
         None, description="the encoder behind the embeddings: a mismatch with the memory's is refused (409)")
     include: ProvenanceFilter | None = Field(

@@ -46,8 +46,9 @@ def tell_truth(schema: dict, *, dim: int, limits: Limits, images: bool, routed: 
         props = model["properties"]
         props["k"].update(minimum=1, maximum=limits.max_k)
         if not routed:
-            props["probe_shards"] = _doc(props["probe_shards"], type="null",
-                                         description="only on k-means partitioned memories; this one is not")
+            for knob in ("probe_shards", "probe_margin"):
+                props[knob] = _doc(props[knob], type="null",
+                                   description="only on k-means partitioned memories; this one is not")
         rows = {"type": "array", "items": row, **batch, "examples": [[[1.0] + [0.0] * (dim - 1)]]}
         if images:
             props["embeddings"] = _nullable(props["embeddings"], rows)

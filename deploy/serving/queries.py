@@ -45,7 +45,8 @@ def info(ctx: ServingDep):
 def neighbors(body: Query, ctx: ServingDep):
     with ctx.served.use() as mem:
         q = query_matrix(body, ctx, mem)
-        nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards, where=item_filter(body))
+        nb = _search(mem.search, q, body.k, probe_shards=body.probe_shards,
+                     probe_margin=body.probe_margin, where=item_filter(body))
         names = mem.class_names
         return {"version": mem.version, "neighbours": [neighbour_rows(nb, names, i) for i in range(len(q))]}
 
@@ -56,7 +57,8 @@ def classify(body: ClassifyQuery, ctx: ServingDep):
     with ctx.served.use() as mem:
         q = query_matrix(body, ctx, mem)
         res = _search(mem.classify, q, body.k, body.method, use_weights=body.use_weights,
-                      alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards, ties=body.ties,
+                      alpha=body.alpha, tau=body.tau, xi=body.xi, probe_shards=body.probe_shards,
+                      probe_margin=body.probe_margin, ties=body.ties,
                       abstain_below=body.abstain_below, where=item_filter(body))
         names = mem.class_names
         results = []
