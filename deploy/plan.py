@@ -21,7 +21,7 @@ import math
 import re
 
 from deploy.rates import Calibration
-from memory.partition import BLOCK_SIMILARITIES, SAMPLE_MAX, default_cells, default_sample, shards_at_sample_cap
+from memory.partition import BLOCK_SIMILARITIES, default_cells, default_sample
 
 MAX_SHARD_ITEMS = 1_000_000  # larger shards only make a retry, a rebuild and a probe slower
 USABLE_RAM = 0.75            # of a machine's RAM, for shards; the rest for queries, the OS and headroom
@@ -248,16 +248,11 @@ def _build(req: Request, cal: Calibration, shards: int, machines: int, rows: lis
     rows.append(Row("build_wall_hours", wall / 3600, "h", f"{human_seconds(wall)} on {used:,} workers"
                     f"{f' (of {workers:,}: one shard per worker at most)' if used < workers else ''}",
                     f"core-seconds / workers + {fixed:,.0f} s fixed (intercept of the measured build wall time)"))
-    # The build's driver grows with the k-means sample (measured: 603 -> 1,120 MiB from 100,000 to 327,680
-    # sampled rows at 10M items), and the sample stops growing at its cap: beyond the memory size whose
-    # sample reaches the cap, the driver does not grow with the items.
+    # The build's driver holds paths only (staged pieces, sample files), not rows: what grows with the
+    # items is their number (one piece per input file and shard), which the runner groups by shard.
     drv = cal.figure("driver_rss")
-    cap_shards = shards_at_sample_cap()
-    n_cap = cap_shards * cal.shard_items
-    at = min(n, n_cap)
-    how = drv.describe(at) + (f"; from {n_cap:,.0f} items ({cap_shards} shards) the k-means sample is at its cap of "
-                              f"{SAMPLE_MAX:,} rows and the driver stops growing" if n > n_cap else "")
-    rows.append(Row("build_driver_ram", drv.at(at), "B", human_bytes(drv.at(at)), how))
+    rows.append(Row("build_driver_ram", drv.at(n), "B", human_bytes(drv.at(n)),
+                    drv.describe(n) + "; the driver holds the staged files' paths, not their rows"))
     # The k-means step is the one task that does not scale with a shard: one worker trains the router on
     # the whole sample, held once as float32, with a block of similarities (memory.partition.BLOCK_SIMILARITIES), on top of a worker's fixed RSS.
     sample = default_sample(shards)

@@ -20,7 +20,10 @@ import json
 import math
 import os
 
+from memory.backends import DIMS_PER_BLOCK, EXACT_MODES
+
 FORMAT = "vismem-calibration/1"
+EXACT_ONLY_MODES = tuple(m for m in EXACT_MODES if m not in DIMS_PER_BLOCK)  # pca: no ScaNN index
 MIN_CPU_S = 0.5  # the least CPU time a cost ratio between two dimensions is taken from
 MODELS = ("linear", "nlogn")
 
@@ -156,6 +159,10 @@ class Calibration:
         return self.figures[name]
 
     def mode(self, name: str) -> ModeRates:
+        if name not in self.storage and name in EXACT_ONLY_MODES:
+            raise ValueError(f"storage mode {name!r} exists for exact (brute-force) memories only, and vismem plan "
+                             f"sizes ScaNN memories (exact search of a billion items is not a plan); choose one of "
+                             f"{', '.join(sorted(self.storage))}")
         if name not in self.storage:
             raise ValueError(f"the calibration {self.path} has no rates for storage mode {name!r} (it has: "
                              f"{', '.join(sorted(self.storage))}); calibrate where that mode is available")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
@@ -127,11 +126,6 @@ def default_sample(num_shards: int, cells: int | None = None) -> int:
     most 1,000,000 (one process trains them). A fixed 100,000 left a 10M-item memory's 1,280 cells
     78 rows each, and its routed queries needed 3 shards for recall 0.95 where 2.5M items needed 1."""
     return int(max(SAMPLE_MIN, min(SAMPLE_MAX, SAMPLE_ROWS_PER_CELL * (cells or CELLS_PER_SHARD * int(num_shards)))))
-
-
-def shards_at_sample_cap() -> int:
-    """The fewest shards whose default k-means sample is at its cap (245): beyond them it stops growing."""
-    return math.ceil(SAMPLE_MAX / (SAMPLE_ROWS_PER_CELL * CELLS_PER_SHARD))
 
 
 def default_cells(num_shards: int, sample_rows: int) -> int:

@@ -8,6 +8,7 @@ import pytest
 from cli.main import main
 from deploy import plan as pl
 from deploy.rates import FORMAT, fit_size, parse_calibration
+from memory.partition import BLOCK_SIMILARITIES
 
 
 def _fit(model, a, b, unit=""):
@@ -88,16 +89,21 @@ def test_plan_figures_follow_from_the_calibration():
     assert int8.value("build_core_hours") == pytest.approx(1e-4 * 1e8 * 2 * 1.5 / 3600)
 
 
-def test_the_build_driver_stops_growing_with_the_kmeans_sample():
-    """A driver whose RSS grew with the items (the k-means sample did) is planned at the size where the
-    sample reaches its cap (245 shards x 100,000 items in this calibration), not extrapolated past it."""
+def test_the_build_driver_and_the_kmeans_worker():
+    """The driver follows its fit; the k-means step's one worker holds the default sample once (float32)
+    and one block of similarities on top of a worker's fixed RSS, and stops growing at the sample's cap."""
     d = hand_calibration()
     d["figures"]["driver_rss"] = _fit("linear", 5e8, 50.0)
     cal = parse_calibration(d, "hand")
     small, huge = (pl.make_plan(pl.Request(items=n, dim=100, storage="float32", recall=0.95, qps=10,
                                            machine=pl.Machine(16, 64 * 10**9)), cal) for n in (10**7, 10**9))
     assert small.value("build_driver_ram") == pytest.approx(5e8 + 50.0 * 1e7)
-    assert huge.value("build_driver_ram") == pytest.approx(5e8 + 50.0 * 245 * 100_000)
+    assert huge.value("build_driver_ram") == pytest.approx(5e8 + 50.0 * 1e9)
+    fixed = cal.figure("worker_rss").a
+    shards = small.value("shards")
+    rows = max(100_000, min(1_000_000, 256 * 16 * shards))
+    assert small.value("kmeans_worker_ram") == pytest.approx(fixed + 4 * rows * 100 + 4 * BLOCK_SIMILARITIES)
+    assert huge.value("kmeans_worker_ram") == pytest.approx(fixed + 4 * 1_000_000 * 100 + 4 * BLOCK_SIMILARITIES)
 
 
 def test_cli_json_parses(cal_file, capsys):
@@ -121,6 +127,7 @@ def test_cli_table(cal_file, capsys):
     (["--items=-5"], "--items must be positive"),
     (["--items", "1e20"], "check the exponent"),
     (["--items", "1e9", "--storage", "codes"], "no rates for storage mode 'codes'"),
+    (["--items", "1e9", "--storage", "pca"], "exists for exact (brute-force) memories only"),
     (["--items", "1e9", "--machine", "cores=16"], "missing ram"),
     (["--items", "1e9", "--machine", "cores=x,ram=64GB"], "cores must be a whole number"),
     (["--items", "1e9", "--machine", "16,64GB"], "expected --machine cores=N,ram=SIZE"),
