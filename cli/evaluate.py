@@ -6,7 +6,7 @@ import os
 import textwrap
 
 from cli.common import (CLASS_NAMES_HELP, add_filters, add_ties, class_names, comma_names, count, fraction,
-                        int_list, item_filter, non_negative_int, output_folder)
+                        int_list, item_filter, non_negative, non_negative_int, output_folder)
 
 EXPERIMENT_EPILOG = """examples:
   vismem experiment scaling  train-emb/ test-emb/ --out report/ --class-names summary.json
@@ -47,7 +47,7 @@ def _run_eval(a) -> dict:
         reranker = HttpVisionLanguageReranker(a.rerank_endpoint, a.rerank_model)
     kw = dict(k_max=a.k_max, ood_queries_path=a.ood, batch_size=a.batch_size, seed=a.seed, version=a.version,
               ray_address=a.ray_address, reranker=reranker, rerank_k=a.rerank_k, rerank_queries=a.rerank_queries,
-              probe_shards=a.probe_shards, ties=a.ties, where=item_filter(a))
+              probe_shards=a.probe_shards, probe_margin=a.probe_margin, ties=a.ties, where=item_filter(a))
     if a.in_process:
         if a.workers is not None:
             raise ValueError("--workers sizes the streamed job's worker pool; --in-process runs in this process alone")
@@ -90,6 +90,9 @@ def add_eval(sub) -> None:
     p.add_argument("--rerank-queries", type=count, default=200, help="queries sent to the re-ranker")
     p.add_argument("--probe-shards", type=count, default=None,
                    help="k-means memories: search each query only in its P nearest shards (default: all)")
+    p.add_argument("--probe-margin", type=non_negative, default=None, metavar="M",
+                   help="k-means memories: visit a query's 2nd..P-th nearest shards (every shard without "
+                   "--probe-shards) only where its similarity to them is within M of its nearest shard's")
     add_ties(p)
     add_filters(p)
     p.add_argument("--ray-address", default=None,

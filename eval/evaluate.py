@@ -38,16 +38,17 @@ _TIE_WORDS = {"nearest": "the tied class whose best-ranked neighbour is nearest 
 
 
 def retrieve(memory: Memory, embeddings: np.ndarray, k_max: int, bounds, probe_shards: int | None = None,
-             where=None):
+             where=None, probe_margin: float | None = None):
     """``(labels, sims, weights)`` of the k_max nearest neighbours of every query, one search per
-    ``embeddings[a:b]`` of ``bounds`` (``probe_shards``: routed search on a k-means memory; ``where``:
+    ``embeddings[a:b]`` of ``bounds`` (``probe_shards``, ``probe_margin``: routed search on a k-means memory; ``where``:
     only the items a ``memory.filters.ItemFilter`` allows)."""
     from tqdm import tqdm
 
     parts = []
     for a, b in tqdm(bounds, desc="retrieve", unit="batch", disable=len(bounds) <= 1):
         if b > a:
-            nb = memory.search(embeddings[a:b], k_max, probe_shards=probe_shards, where=where)
+            nb = memory.search(embeddings[a:b], k_max, probe_shards=probe_shards, probe_margin=probe_margin,
+                               where=where)
             parts.append((nb.labels, nb.sims, nb.weights))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
@@ -87,7 +88,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
              ood_queries_path: str | None = None, batch_size: int = 4096, seed: int = 0,
              version: int | None = None, ray_address: str | None = None, reranker=None,
              rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
-             ties: str = "nearest", where=None) -> dict:
+             ties: str = "nearest", where=None, probe_margin: float | None = None) -> dict:
     """Evaluate a memory against labelled query embeddings in this process; write the report under ``out_dir``.
 
     ``where`` (``memory.filters.ItemFilter``) lets only the items it allows vote, e.g. the
@@ -102,7 +103,8 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     are hosted by Ray actors across the cluster and every query batch fans out to them.
 
     With ``probe_shards`` (a k-means memory) each query searches only its nearest shards, so the
-    report shows what routing costs in accuracy.
+    report shows what routing costs in accuracy; ``probe_margin`` visits the further ones only within
+    that similarity margin of the nearest (``Memory.search``).
 
     ``ties`` settles a tied top score in every vote (``memory.voting.TIES``: ``nearest``, ours, or
     ``leader``, the released code's, to reproduce the paper's figures).
@@ -121,7 +123,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
                             check_labels=False)["embeddings"],
                query_batches.global_bounds(files, query_batches.plan(files, rows, "ood")))
     with _hosts(ray_address) as hosts, Memory.open(memory_path, manifest.version, hosts=hosts) as mem:
-        got = _retrieve_all(mem, q, truth, bounds, k_max, probe_shards, ood, where)
+        got = _retrieve_all(mem, q, truth, bounds, k_max, (probe_shards, probe_margin), ood, where)
         reranked = None
         if reranker is not None:
             n = rerank_queries
@@ -131,7 +133,7 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     confident = calibration.confidence_figures(got.labels, got.sims, truth, num_classes=got.num_classes, best=best,
                                                weights=got.weights, ties=ties, **DEFAULTS)
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards,
-              "filter": where.describe() if where is not None else None, "retrieval_s": got.seconds,
+              "probe_margin": probe_margin, "filter": where.describe() if where is not None else None, "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
     return write_outputs(out_dir, memory_path, got.version, queries_path, timing, scores, best, honest, confident,
                          reranked, ties)
@@ -224,17 +226,18 @@ def _hosts(ray_address: str | None):
                 ray.shutdown()
 
 
-def _retrieve_all(mem: Memory, q, truth, bounds, k_max: int, probe_shards, ood, where=None) -> Retrieval:
+def _retrieve_all(mem: Memory, q, truth, bounds, k_max: int, routing, ood, where=None) -> Retrieval:
     """The retrieval stage: the queries' neighbours at k-max, and the OOD queries' (``ood``: embeddings and
-    batch bounds) similarities."""
+    batch bounds) similarities. ``routing``: ``(probe_shards, probe_margin)``."""
+    probe_shards, probe_margin = routing
     if k_max > len(mem):
         raise ValueError(f"k-max {k_max} exceeds the memory's {len(mem)} items")
     if truth.max() >= mem.num_classes:
         raise ValueError(f"query labels reach {truth.max()}, but the memory has {mem.num_classes} classes")
     t0 = time.perf_counter()
-    labels, sims, weights = retrieve(mem, q, k_max, bounds, probe_shards, where)
+    labels, sims, weights = retrieve(mem, q, k_max, bounds, probe_shards, where, probe_margin)
     seconds = time.perf_counter() - t0
-    ood_sims = retrieve(mem, ood[0], k_max, ood[1], probe_shards, where)[1] if ood is not None else None
+    ood_sims = retrieve(mem, ood[0], k_max, ood[1], probe_shards, where, probe_margin)[1] if ood is not None else None
     return Retrieval(labels, sims, weights, ood_sims, seconds, mem.num_classes, mem.version)
 
 
@@ -323,6 +326,8 @@ def _report(memory_path, version, queries_path, timing, best, honest, s: Scores,
         f"k-max {timing['k_max']}"
         + (f"; each query searched only its {timing['probe_shards']} nearest shards (k-means routing)"
            if timing.get("probe_shards") else "")
+        + (f"; a further shard only within similarity {timing['probe_margin']:g} of the nearest (probe margin)"
+           if timing.get("probe_margin") is not None else "")
         + (f"; only items with {timing['filter']} vote" if timing.get("filter") else "") + ".", "",
         f"Ties between classes: {_TIE_WORDS[ties]} (`--ties {ties}`).", "",
         f"Retrieval {timing['retrieval_s']:.2f} s; scoring every rule at every k "

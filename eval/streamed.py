@@ -50,6 +50,7 @@ from eval import batch_stats, calibration, evaluate as inprocess, metrics, query
 from eval.batch_store import STATE_FORMAT, BatchStore
 from memory import manifest as mf
 from memory import output_paths, schema, storage, voting
+from memory.partition import check_margin
 from memory.query import check_k, positive_ints, search_batch
 
 # Settings the workers need to see as the driver does (storage endpoints, credentials): forwarded to
@@ -71,6 +72,7 @@ class Job:
     probe_shards: int | None
     num_classes: int
     where: object = None  # memory.filters.ItemFilter (picklable), or None
+    probe_margin: float | None = None
 
 
 def run_batches(mem, job: Job, batches: list, store: BatchStore) -> int:
@@ -114,7 +116,8 @@ def run_batches(mem, job: Job, batches: list, store: BatchStore) -> int:
 def _search(mem, job: Job, queries, batch):
     """The batch's neighbours at k-max; a refused query (NaN, zero) named with its file and rows."""
     try:
-        return mem.search(queries, job.k_max, probe_shards=job.probe_shards, where=job.where)
+        return mem.search(queries, job.k_max, probe_shards=job.probe_shards, probe_margin=job.probe_margin,
+                          where=job.where)
     except ValueError as exc:
         raise ValueError(f"{batch.path} (rows {batch.start}..{batch.stop - 1}): {exc}") from None
 
@@ -162,7 +165,7 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
                       version: int | None = None, ray_address: str | None = None, reranker=None,
                       rerank_k: int = 50, rerank_queries: int = 200, probe_shards: int | None = None,
                       ties: str = "nearest", workers: int | None = None, progress: bool = True,
-                      where=None) -> dict:
+                      where=None, probe_margin: float | None = None) -> dict:
     """:func:`eval.evaluate.evaluate`'s report, from query shards streamed through Ray Data (module docstring).
 
     Without ``ray_address`` a local Ray instance is started (or the connected one used) and every
@@ -189,7 +192,7 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     qfiles = query_batches.describe(schema.shard_files(queries_path))
     query_batches.check(qfiles, manifest, memory_path, queries_path)
     check_k(k_max, manifest, memory_path, "k-max")
-    _check_routing(probe_shards, manifest, memory_path)
+    _check_routing(probe_shards, probe_margin, manifest, memory_path)
     ofiles = []
     if ood_queries_path:
         ofiles = query_batches.describe(schema.shard_files(ood_queries_path))
@@ -201,7 +204,7 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     rows = search_batch(batch_size, k_max)
     batches = query_batches.plan(qfiles_abs, rows, "q") + query_batches.plan(ofiles_abs, rows, "ood")
     job = Job(_absolute(memory_path), manifest.version, os.path.abspath(out_dir), k_max, ties, seed, probe_shards,
-              len(manifest.class_names), where)
+              len(manifest.class_names), where, probe_margin)
     store = BatchStore(job.out_dir)
     t0 = time.perf_counter()
     hosted = bool(ray_address)
@@ -229,7 +232,7 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     confident = _confidence_figures(store, [b for b in batches if b.kind == "q"], best, job)
     n = int(stats["n"])
     retrieval_s, scoring_s = float(stats.get("retrieval_s", 0.0)), float(stats.get("scoring_s", 0.0))
-    timing = {"queries": n, "k_max": k_max, "probe_shards": probe_shards,
+    timing = {"queries": n, "k_max": k_max, "probe_shards": probe_shards, "probe_margin": probe_margin,
               "filter": where.describe() if where is not None else None, "retrieval_s": retrieval_s,
               "scoring_all_rules_all_k_s": scoring_s, "scoring_over_retrieval": scoring_s / max(retrieval_s, 1e-12),
               "engine": "ray-data", "workers": used_workers, "wall_s": time.perf_counter() - t0}
@@ -244,16 +247,19 @@ def _absolute(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
-def _check_routing(probe_shards, manifest, memory_path: str) -> None:
-    if probe_shards is not None and not manifest.partitioning.centroids:
-        raise ValueError(f"probe_shards needs a k-means partitioned memory (vismem build --partition kmeans); "
+def _check_routing(probe_shards, probe_margin, manifest, memory_path: str) -> None:
+    check_margin(probe_margin)
+    knob = "probe_shards" if probe_shards is not None else "probe_margin"
+    if (probe_shards is not None or probe_margin is not None) and not manifest.partitioning.centroids:
+        raise ValueError(f"{knob} needs a k-means partitioned memory (vismem build --partition kmeans); "
                          f"{memory_path} is partitioned by {manifest.partitioning.method!r}")
 
 
 def _identity(job: Job, qfiles, ofiles, rows: int) -> dict:
     """What the batches of a run depend on: a rerun must match it to reuse them."""
     return {"format": STATE_FORMAT, "memory": job.memory, "version": job.version, "k_max": job.k_max,
-            "ties": job.ties, "seed": job.seed, "probe_shards": job.probe_shards, "rows_per_batch": rows,
+            "ties": job.ties, "seed": job.seed, "probe_shards": job.probe_shards,
+            "probe_margin": job.probe_margin, "rows_per_batch": rows,
             "filter": job.where.to_json() if job.where is not None else None,
             "queries": [[f.path, f.rows, f.fingerprint] for f in qfiles],
             "ood": [[f.path, f.rows, f.fingerprint] for f in ofiles]}

@@ -115,6 +115,12 @@ def test_routed_streamed_eval_equals_in_process(tmp_path, local_ray, monkeypatch
     assert got["report"] == os.path.join("st", "report.md")
     report = open(got["report"]).read()
     assert "searched only its 1 nearest shards" in report and "Memory `mem` (version 1); queries `q.parquet`" in report
+    # With a probe margin: both engines alike, and the report says so.
+    kw = dict(k_max=20, batch_size=100, probe_shards=3, probe_margin=0.05, ties="leader")
+    want = evaluate("mem", "q.parquet", "in-margin", **kw)
+    got = evaluate_streamed("mem", "q.parquet", "st-margin", progress=False, **kw)
+    assert_same_report("st-margin", "in-margin", got, want)
+    assert "within similarity 0.05 of the nearest (probe margin)" in open(got["report"]).read()
 
 
 def test_filtered_eval_streamed_equals_in_process_and_a_memory_of_the_allowed_items(tmp_path, local_ray):
@@ -200,6 +206,10 @@ def test_bad_input_is_refused_at_the_door_in_one_line(tmp_path, capsys):
     schema.write_embeddings(labelled, schema.embedding_table([f"q{i}" for i in range(30)], x[:30], labels[:30]))
     with pytest.raises(ValueError, match="probe_shards needs a k-means partitioned memory"):
         evaluate_streamed(mem, labelled, str(tmp_path / "o"), probe_shards=1)
+    with pytest.raises(ValueError, match="probe_margin needs a k-means partitioned memory"):
+        evaluate_streamed(mem, labelled, str(tmp_path / "o"), probe_margin=0.1)
+    with pytest.raises(ValueError, match="probe_margin must be a finite number >= 0"):
+        evaluate_streamed(mem, labelled, str(tmp_path / "o"), probe_margin=-0.1)
     # Batches of another evaluation in the same folder are never mixed in: the difference is named.
     from eval.batch_store import BatchStore
     BatchStore(str(tmp_path / "o")).claim({"k_max": 5})
