@@ -64,6 +64,24 @@ def measure_mode(work: str, mode: str, n: int, dim: int, *, queries: int = 2000,
             "build_cpu_s": build_cpu, "query": best, "max_recall": top}
 
 
+def measure_routing(dim: int = 128, cells: int = 1280, queries: int = 4096, repeat: int = 5) -> dict:
+    """``{flops_per_cpu_s, ...}``: the rate of routing's one matrix product (queries x cells similarities,
+    float32), CPU time, fastest of ``repeat``. ``vismem plan`` adds ``2 x cells x dim`` of it per query:
+    at a billion items (20,000 cells of 768-d) routing costs more than the shard search itself."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    c = np.ascontiguousarray(rng.standard_normal((dim, cells)).astype(np.float32))
+    q @ c  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        (q @ c).argmax(1)
+        best = min(best, time.process_time() - t)
+    flops = 2.0 * queries * cells * dim
+    return {"flops_per_cpu_s": flops / max(best, 1e-9), "dim": dim, "cells": cells, "queries": queries,
+            "cpu_s": best}
+
+
 def measure_modes(work: str, modes, n: int, dims=(128, 512), log=print) -> list[dict]:
     """:func:`measure_mode` for every mode this build offers, at two dimensions (modes it lacks are skipped)."""
     out = []
@@ -106,7 +124,8 @@ def calibrate(out_path: str, work: str, *, sizes, shard_items: int, dim: int = 1
                          "cpu": platform.processor() or platform.machine()},
              "measured_at": time.strftime("%Y-%m-%d"), "command": command,
              "load_average": os.getloadavg()[0]}
-    cal = calibration_from(points, mode_points, dim=dim, shard_items=shard_items, cores=workers, about=about)
+    cal = calibration_from(points, mode_points, dim=dim, shard_items=shard_items, cores=workers, about=about,
+                           routing=measure_routing(dim))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(cal, f, indent=1)

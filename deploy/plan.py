@@ -185,7 +185,7 @@ def shard_size(req: Request, cal: Calibration) -> tuple[int, int, str]:
     return shards, size, why
 
 
-def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
+def _serving(req: Request, cal: Calibration, shards: int, rows: list) -> tuple[int, float]:
     """Rows for bytes, RAM, machines and queries; returns ``(machines, CPU seconds per query)``."""
     mode, n, d = cal.mode(req.storage), req.items, req.dim
     disk = mode.disk_bytes(d) * n
@@ -204,7 +204,11 @@ def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
                          f"({mode.source}); it cannot serve --recall {req.recall}")
     q_mode = 1.0 if mode.query_factor is None else mode.query_factor
     f_q = cal.dim_factor("query", d) * q_mode
-    cpu_q = q.cpu_s.at(n) * f_q
+    cells = default_cells(shards, default_sample(shards))
+    # Routing scores every query against every k-means cell: 2 x cells x dim flops, at the measured rate
+    # (part of it is in the measured query cost too: counted twice, on the safe side).
+    route_q = 2.0 * cells * d / cal.routing_flops if cal.routing_flops else 0.0
+    cpu_q = q.cpu_s.at(n) * f_q + route_q
     usable = USABLE_RAM * req.machine.ram_bytes - cal.figure("serve_base_rss").at(n)
     if usable <= 0:
         raise ValueError(f"--machine ram {human_bytes(req.machine.ram_bytes)} leaves nothing for shards after the "
@@ -222,8 +226,11 @@ def _serving(req: Request, cal: Calibration, rows: list) -> tuple[int, float]:
     rows.append(Row("query_capacity", machines * per_machine, "q/s",
                     f"{machines * per_machine:,.0f} q/s at recall@10 >= {q.recall}",
                     f"{q.cpu_s.describe(n)}; x {cal.dim_note('query', d)}; x mode "
-                    f"{q_mode:.2f}{' (not measured: as float32)' if mode.query_factor is None else ''} = "
-                    f"{cpu_q * 1e3:.3g} ms"))
+                    f"{q_mode:.2f}{' (not measured: as float32)' if mode.query_factor is None else ''}"
+                    + (f" + routing over {cells:,} cells: 2 x cells x dim at {cal.routing_flops / 1e9:,.1f} GFLOP per "
+                       f"CPU-second (measured) = {route_q * 1e3:.3g} ms" if cal.routing_flops else
+                       " (routing over the cells not measured by this calibration)")
+                    + f"; {cpu_q * 1e3:.3g} ms in all"))
     # One query alone: the per-call cost measured on the ladder (its mean), plus the work the planned
     # memory adds per query beyond the largest one measured (routing over more cells, larger probes).
     extra = max(cpu_q - q.cpu_s.at(q.cpu_s.n_max), 0.0)
@@ -293,7 +300,7 @@ def make_plan(req: Request, cal: Calibration) -> Plan:
     rows: list[Row] = []
     shards, size, why = shard_size(req, cal)
     rows.append(Row("shards", shards, "shards", f"{shards:,} shards of {size:,} items", why))
-    machines, _ = _serving(req, cal, rows)
+    machines, _ = _serving(req, cal, shards, rows)
     _build(req, cal, shards, machines, rows)
     _embedding(req, cal, rows)
     per_machine = req.items / machines

@@ -110,6 +110,20 @@ def fit_size(xs, ys, *, unit: str = "", source: str = "", models=MODELS) -> Fit:
     return next(f for f in fits if f.rel_err <= best + 0.01)
 
 
+def envelope_fit(xs, ys, *, unit: str = "", source: str = "") -> Fit:
+    """The largest of ``ys`` as a constant: for a cost that does not trend with size but steps with
+    something the sizes do not control. A routed query searches one shard of the calibrated size
+    whatever the memory's size; the leaves it needs for a recall target step with how well each
+    memory's k-means cells route (2, 4, 8 and 4 leaves at 250k, 1M, 2.5M and 10M items), and a line
+    through such steps runs away when extrapolated (+152% at 10M from the three smaller sizes)."""
+    xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+    if not xs or len(xs) != len(ys):
+        raise ValueError(f"an envelope needs as many sizes as values, at least one; got {len(xs)} and {len(ys)}")
+    top = max(ys)
+    err = math.sqrt(sum((top / y - 1) ** 2 for y in ys) / len(ys)) if all(y > 0 for y in ys) else 0.0
+    return Fit("constant", top, 0.0, err, min(xs), max(xs), unit, source + " (the costliest measured size)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModeRates:
     """One storage mode's bytes per item (``per_dim * dim + fixed``) and costs relative to float32."""
@@ -151,6 +165,7 @@ class Calibration:
     dim_exponent: dict  # "build" / "query" -> exponent of (dim / self.dim)
     encoder: dict | None
     about: dict
+    routing_flops: float | None = None  # multiply-adds x 2 per CPU-second of routing queries over cells
 
     def figure(self, name: str) -> Fit:
         if name not in self.figures:
@@ -211,7 +226,14 @@ def parse_calibration(d: dict, path: str) -> Calibration:
     return Calibration(path=path, dim=int(_req(d, "dim", where)), shard_items=int(_req(d, "shard_items", where)),
                        cores=int(_req(d, "cores", where)), figures=figures, query=query, storage=storage,
                        dim_exponent=dict(d.get("dim_exponent") or {}), encoder=d.get("encoder"),
-                       about=dict(d.get("about") or {}))
+                       about=dict(d.get("about") or {}), routing_flops=_routing_flops(d, where))
+
+
+def _routing_flops(d: dict, where: str) -> float | None:
+    r = (d.get("routing") or {}).get("flops_per_cpu_s")
+    if r is not None and (not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0):
+        raise ValueError(f"{where}: routing.flops_per_cpu_s must be a number > 0, got {r!r}")
+    return None if r is None else float(r)
 
 
 def load_calibration(path: str) -> Calibration:
@@ -279,7 +301,7 @@ def mode_rates(mode_points: list[dict]) -> tuple[dict, dict]:
 
 
 def calibration_from(points: list[dict], mode_points: list[dict], *, dim: int, shard_items: int, cores: int,
-                     about: dict) -> dict:
+                     about: dict, routing: dict | None = None) -> dict:
     """A calibration (JSON object) from ladder points (``deploy.ladder.measure_point``) and storage modes.
 
     The size figures are fitted on the points at ``shard_items`` per shard; the worker RSS on every
@@ -306,10 +328,13 @@ def calibration_from(points: list[dict], mode_points: list[dict], *, dim: int, s
     for target in sorted({t for p in main for t in p["query"]}, key=float):
         pts = [{"n": p["n"], **p["query"][target]} for p in main if target in p["query"]]
         if len(pts) >= 2:
-            query[target] = {"cpu_s": _fit(pts, "n", "cpu_s_per_query", "CPU s/query", src),
+            cpu = envelope_fit([p["n"] for p in pts], [p["cpu_s_per_query"] for p in pts], unit="CPU s/query",
+                               source=src)
+            query[target] = {"cpu_s": cpu.to_json(),
                              "latency_s": _fit(pts, "n", "latency_s", "one query alone, s", src,
                                                models=("constant",))}
     storage, exps = mode_rates(mode_points)
     return {"format": FORMAT, "dim": dim, "shard_items": shard_items, "cores": cores, "about": about,
             "figures": figures, "query": query, "storage": storage, "dim_exponent": exps, "encoder": None,
+            "routing": routing,
             "ladder": points, "modes": mode_points}

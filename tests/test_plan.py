@@ -203,3 +203,31 @@ def test_ladder_memories_grow_at_constant_density():
     q = synthetic_queries(4_000, 16, n=2_500_000)
     nearest = (q @ (large / np.linalg.norm(large, axis=1, keepdims=True)).T).argmax(1)
     assert (nearest >= 1_000).mean() > 0.5  # queries come from the larger memory's clusters too
+
+
+def test_routing_over_the_cells_is_added_per_query():
+    """With a measured routing rate, each query also pays 2 x cells x dim flops: 100 shards of 1M items have
+    the default 1,600 cells (16 per shard); at dim 200 and 1e9 flops per CPU-second that is 0.64 ms."""
+    d = hand_calibration()
+    req = pl.Request(items=10**8, dim=200, storage="float32", recall=0.95, qps=10_000, machine=pl.Machine(4, 40 * 10**9))
+    plain = pl.make_plan(req, parse_calibration(d, "hand"))
+    d["routing"] = {"flops_per_cpu_s": 1e9}
+    routed = pl.make_plan(req, parse_calibration(d, "hand"))
+    cells = 1600
+    cpu_plain = 4 / (plain.value("query_capacity") / plain.value("serving_machines"))
+    cpu_routed = 4 / (routed.value("query_capacity") / routed.value("serving_machines"))
+    assert cpu_plain == pytest.approx(2e-3)
+    assert cpu_routed == pytest.approx(2e-3 + 2 * cells * 200 / 1e9)
+    d["routing"] = {"flops_per_cpu_s": -1}
+    with pytest.raises(ValueError, match="routing.flops_per_cpu_s must be a number > 0"):
+        parse_calibration(d, "hand")
+
+
+def test_envelope_is_the_costliest_size():
+    from deploy.rates import envelope_fit
+
+    fit = envelope_fit([1e5, 1e6, 1e7], [2.0, 4.0, 3.0], unit="CPU s/query")
+    assert fit.model == "constant" and fit.at(1e9) == 4.0 and fit.at(1) == 4.0
+    assert "costliest measured size" in fit.source
+    with pytest.raises(ValueError, match="as many sizes as values"):
+        envelope_fit([1.0], [])
