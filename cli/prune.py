@@ -1,6 +1,7 @@
 """``vismem prune``: hard or soft memory pruning (Appendix G) published as a new version of a memory (Beam)."""
 from __future__ import annotations
 
+from cli import terminal
 from cli.build import BEAM_HELP
 from cli.common import count, non_negative, positive
 
@@ -8,8 +9,18 @@ from cli.common import count, non_negative, positive
 def _run_prune(a) -> dict:
     from pipelines.prune import prune_memory
 
-    return prune_memory(a.memory, self_k=a.self_k, hard=a.hard, soft=a.soft, c=a.c, dd=a.dd,
-                        probe_shards=a.probe_shards, pipeline_args=a.beam_args)
+    result = prune_memory(a.memory, self_k=a.self_k, hard=a.hard, soft=a.soft, c=a.c, dd=a.dd,
+                          probe_shards=a.probe_shards, pipeline_args=a.beam_args)
+    counted = (f"{result.get('items_with_wrong', 0):,} of {result.get('items_queried', 0):,} items misled a "
+               f"neighbour at K={a.self_k}")
+    if not result["changed"]:
+        terminal.current().summary(f"nothing pruned in {a.memory} (version {result['version']} is current): {counted}")
+    else:
+        what = (f"{result.get('removed', 0):,} items removed (v >= {a.hard})" if a.hard is not None
+                else "vote weights set to dd / (c + v)")
+        terminal.current().summary(f"pruned {a.memory} to version {result['version']}: {what}; {counted}; "
+                                   f"{result['wall_seconds']:.1f} s")
+    return result
 
 
 def add_prune(sub) -> None:

@@ -125,8 +125,10 @@ def test_exact_shards_hard_and_soft_equal_the_in_process_core(tmp_path, capsys):
 
     # Hard pruning through the command line; v of version 3 is v of version 2 (weights do not count).
     assert main(["prune", root, "--self-k", "10", "--hard", "2", *PIPE]) == 0
-    hard = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    hard = json.loads(out.out)
     pruned = set(live_ids[v >= 2])
+    assert f"pruned {root} to version 4: {len(pruned):,} items removed (v >= 2); " in out.err  # the summary line
     assert hard["version"] == 4 and hard["removed"] == len(pruned) > 20 and hard["threshold"] == 2
     assert _removed(root, 4) == pruned | set(removed_first)
     forget = removals.forget_list(root, mf.read_manifest(root, 4))
