@@ -11,15 +11,16 @@ def _run_prune(a) -> dict:
 
     result = prune_memory(a.memory, self_k=a.self_k, hard=a.hard, soft=a.soft, c=a.c, dd=a.dd,
                           probe_shards=a.probe_shards, pipeline_args=a.beam_args)
+    term = terminal.current()
     counted = (f"{result.get('items_with_wrong', 0):,} of {result.get('items_queried', 0):,} items misled a "
                f"neighbour at K={a.self_k}")
     if not result["changed"]:
-        terminal.current().summary(f"nothing pruned in {a.memory} (version {result['version']} is current): {counted}")
+        term.summary(f"nothing pruned in {a.memory} (version {result['version']} is current): {counted}")
     else:
         what = (f"{result.get('removed', 0):,} items removed (v >= {a.hard})" if a.hard is not None
                 else "vote weights set to dd / (c + v)")
-        terminal.current().summary(f"pruned {a.memory} to version {result['version']}: {what}; {counted}; "
-                                   f"{result['wall_seconds']:.1f} s")
+        term.summary(f"pruned {a.memory} to version {result['version']}: {what}; {counted}; "
+                     f"{result['wall_seconds']:.1f} s")
     return result
 
 

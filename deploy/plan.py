@@ -185,6 +185,12 @@ def shard_size(req: Request, cal: Calibration) -> tuple[int, int, str]:
     return shards, size, why
 
 
+def _router_size(shards: int) -> tuple[int, int]:
+    """``(sampled rows, k-means cells)`` a build of ``shards`` shards trains its router with by default."""
+    sample = default_sample(shards)
+    return sample, default_cells(shards, sample)
+
+
 def _serving(req: Request, cal: Calibration, shards: int, rows: list) -> tuple[int, float]:
     """Rows for bytes, RAM, machines and queries; returns ``(machines, CPU seconds per query)``."""
     mode, n, d = cal.mode(req.storage), req.items, req.dim
@@ -204,7 +210,7 @@ def _serving(req: Request, cal: Calibration, shards: int, rows: list) -> tuple[i
                          f"({mode.source}); it cannot serve --recall {req.recall}")
     q_mode = 1.0 if mode.query_factor is None else mode.query_factor
     f_q = cal.dim_factor("query", d) * q_mode
-    cells = default_cells(shards, default_sample(shards))
+    _, cells = _router_size(shards)
     # Routing scores every query against every k-means cell: 2 x cells x dim flops, at the measured rate
     # (part of it is in the measured query cost too: counted twice, on the safe side).
     route_q = 2.0 * cells * d / cal.routing_flops if cal.routing_flops else 0.0
@@ -262,8 +268,7 @@ def _build(req: Request, cal: Calibration, shards: int, machines: int, rows: lis
                     drv.describe(n) + "; the driver holds the staged files' paths, not their rows"))
     # The k-means step is the one task that does not scale with a shard: one worker trains the router on
     # the whole sample, held once as float32, with a block of similarities (memory.partition.BLOCK_SIMILARITIES), on top of a worker's fixed RSS.
-    sample = default_sample(shards)
-    cells = default_cells(shards, sample)
+    sample, cells = _router_size(shards)
     km = cal.figure("worker_rss").a + 4 * sample * req.dim + 4 * BLOCK_SIMILARITIES
     rows.append(Row("kmeans_worker_ram", km, "B",
                     f"{human_bytes(km)} on one worker ({sample:,} sampled rows, {cells:,} cells)",

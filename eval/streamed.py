@@ -50,7 +50,7 @@ from eval import batch_stats, calibration, evaluate as inprocess, metrics, query
 from eval.batch_store import STATE_FORMAT, BatchStore
 from memory import manifest as mf
 from memory import output_paths, schema, storage, voting
-from memory.partition import check_margin
+from memory.partition import check_margin, check_routing
 from memory.query import check_k, positive_ints, search_batch
 
 # Settings the workers need to see as the driver does (storage endpoints, credentials): forwarded to
@@ -192,7 +192,8 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
     qfiles = query_batches.describe(schema.shard_files(queries_path))
     query_batches.check(qfiles, manifest, memory_path, queries_path)
     check_k(k_max, manifest, memory_path, "k-max")
-    _check_routing(probe_shards, probe_margin, manifest, memory_path)
+    check_margin(probe_margin)
+    check_routing(manifest.partitioning, probe_shards, probe_margin, memory_path)
     ofiles = []
     if ood_queries_path:
         ofiles = query_batches.describe(schema.shard_files(ood_queries_path))
@@ -245,14 +246,6 @@ def evaluate_streamed(memory_path: str, queries_path: str, out_dir: str, *, k_ma
 def _absolute(path: str) -> str:
     """Local paths made absolute: Ray workers need not share the driver's working directory."""
     return path if storage.is_remote(path) else os.path.abspath(path)
-
-
-def _check_routing(probe_shards, probe_margin, manifest, memory_path: str) -> None:
-    check_margin(probe_margin)
-    knob = "probe_shards" if probe_shards is not None else "probe_margin"
-    if (probe_shards is not None or probe_margin is not None) and not manifest.partitioning.centroids:
-        raise ValueError(f"{knob} needs a k-means partitioned memory (vismem build --partition kmeans); "
-                         f"{memory_path} is partitioned by {manifest.partitioning.method!r}")
 
 
 def _identity(job: Job, qfiles, ofiles, rows: int) -> dict:

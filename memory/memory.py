@@ -17,7 +17,7 @@ from memory.backends import BACKENDS
 from memory.columns import ItemColumns
 from memory.fanout import ThreadFanout
 from memory.filters import ItemFilter
-from memory.partition import Router, check_margin, hash_partition
+from memory.partition import Router, check_margin, check_routing, hash_partition
 from memory.items import ItemPolicy, normalise
 from memory.shard import DEFAULT_TARGET_RECALL, Shard, check_target_recall, write_shard
 from memory.topk import first_cut, merge_keys, merge_with_refetch
@@ -283,17 +283,13 @@ class Memory:
         to visit every shard."""
         if probe_shards is None and margin is None:
             return None
-        knob = "probe_shards" if probe_shards is not None else "probe_margin"
-        if probe_shards is None:  # a margin alone: every partition within it
-            probe_shards = len(self.shards)
-        if isinstance(probe_shards, bool) or not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1:
+        if probe_shards is not None and (isinstance(probe_shards, bool) or
+                                         not isinstance(probe_shards, (int, np.integer)) or probe_shards < 1):
             raise ValueError(f"probe_shards must be an integer >= 1, got {probe_shards!r}")
         part = self.manifest.partitioning
-        if not part.centroids:
-            raise ValueError(
-                f"{knob} needs a k-means partitioned memory (vismem build --partition kmeans); "
-                f"{self.root} is partitioned by {part.method!r}"
-            )
+        check_routing(part, probe_shards, margin, self.root)
+        if probe_shards is None:  # a margin alone: every partition within it
+            probe_shards = len(self.shards)
         cells = part.cell_partitions
         if probe_shards >= (max(cells) + 1 if cells else len(part.centroids)) and margin is None:
             return None

@@ -206,6 +206,15 @@ class Router:
         return route
 
 
+def check_routing(partitioning, probe_shards, margin, where: str) -> None:
+    """Refuse ``probe_shards`` or a probe margin on a memory without k-means cells (``partitioning``: a
+    manifest's; ``where``: the memory, named in the message)."""
+    if (probe_shards is not None or margin is not None) and not partitioning.centroids:
+        knob = "probe_shards" if probe_shards is not None else "probe_margin"
+        raise ValueError(f"{knob} needs a k-means partitioned memory (vismem build --partition kmeans); "
+                         f"{where} is partitioned by {partitioning.method!r}")
+
+
 def check_margin(margin) -> float | None:
     """A probe margin: None (every query visits ``probe_shards`` partitions) or a number >= 0.
 

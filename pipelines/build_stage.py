@@ -77,10 +77,11 @@ def write_sample(folder: str, rows) -> str:
 
 
 def read_sample(paths, dim: int | None = None) -> np.ndarray:
-    """The rows of the staging files written by :func:`write_sample`, in ``paths`` order, as one array
-    (read in the order of their hashes, not their row counts)."""
-    paths = sorted(paths, key=lambda p: p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[1])
-    counts = [int(p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]) for p in paths]
+    """The rows of the staging files written by :func:`write_sample` as one array, the files in the
+    order of their content hashes (whatever order ``paths`` come in)."""
+    named = sorted((p.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[::-1], p) for p in paths)  # [hash, count]
+    paths = [p for _, p in named]
+    counts = [int(count) for (_, count), _ in named]
     out = None
     at = 0
     for p, n in zip(paths, counts):
