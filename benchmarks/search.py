@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from memory import Memory, write_memory  # noqa: E402
-from memory.backends import scann_params  # noqa: E402
+from memory.scann_index import scann_params  # noqa: E402
 from memory.fanout import SerialFanout  # noqa: E402
 
 CLASS_NAMES = [str(i) for i in range(1000)]  # make_data's labels

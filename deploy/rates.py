@@ -20,7 +20,8 @@ import json
 import math
 import os
 
-from memory.backends import DIMS_PER_BLOCK, EXACT_MODES
+from memory.exact_index import EXACT_MODES
+from memory.scann_index import DIMS_PER_BLOCK
 
 FORMAT = "vismem-calibration/1"
 EXACT_ONLY_MODES = tuple(m for m in EXACT_MODES if m not in DIMS_PER_BLOCK)  # pca: no ScaNN index

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from memory import quantize, schema, storage, tuning
-from memory.backends import (CODEBOOK_FILE, EMBEDDINGS_FILE, SCALES_FILE, backend, load_vectors, read_codebook,
-                             save_vectors, storage_mode, vector_files)
+from memory.backends import backend
+from memory.stored_vectors import (CODEBOOK_FILE, EMBEDDINGS_FILE, SCALES_FILE, load_vectors, read_codebook,
+                                   save_vectors, storage_mode, vector_files)
 from memory.filters import FIELDS as FILTER_FIELDS
 from memory.items import ITEMS_FILE, normalise, read_items_at
 from memory.manifest import MemoryFormatError, ShardEntry

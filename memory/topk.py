@@ -141,3 +141,13 @@ def _widen(a, k, fill=-np.inf):
     if a.shape[1] >= k:
         return a[:, :k].copy()
     return np.concatenate([a, np.full((len(a), k - a.shape[1]), fill, a.dtype)], axis=1)
+
+
+def pad_results(sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims, rows)`` cut or padded to ``k`` columns: padding is similarity ``-inf``, row ``-1``."""
+    q, got = sims.shape
+    if got >= k:
+        return sims[:, :k], rows[:, :k]
+    pad_s = np.full((q, k - got), -np.inf, dtype=np.float32)
+    pad_r = np.full((q, k - got), -1, dtype=np.int64)
+    return np.concatenate([sims, pad_s], axis=1), np.concatenate([rows, pad_r], axis=1)

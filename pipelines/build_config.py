@@ -9,7 +9,7 @@ from memory import manifest as mf
 # The default shard size: a build without --num-shards cuts its rows into shards of at most this
 # many items. The benchmarks here serve best from about 100k-150k items per shard (README: search
 # and routing tables); ScaNN builds trees from about 5,000 items per shard (brute force below
-# 20,000, memory.backends), so a shard never needs to be small to be fast, and fewer shards mean
+# 20,000, memory.scann_index), so a shard never needs to be small to be fast, and fewer shards mean
 # fewer searches per query.
 TARGET_SHARD_ITEMS = 150_000
 
