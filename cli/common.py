@@ -5,6 +5,7 @@ import argparse
 import collections
 import difflib
 import json
+import logging
 import math
 import sys
 
@@ -47,7 +48,14 @@ class VerbParser(argparse.ArgumentParser):
     def _checked_beam_args(self, extra: list[str]) -> list[str]:
         if not extra:
             return []
-        from pipelines.beam_runner import validate_beam_args
+        # Importing Beam logs through the root logger ("apitools not found ..."); with no handler yet
+        # (the verb's terminal session starts after parsing) that would configure logging on stderr.
+        quiet = logging.NullHandler()
+        logging.getLogger().addHandler(quiet)
+        try:
+            from pipelines.beam_runner import validate_beam_args
+        finally:
+            logging.getLogger().removeHandler(quiet)
 
         try:
             return validate_beam_args(extra, own_options=self._own_options())

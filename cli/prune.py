@@ -9,9 +9,10 @@ from cli.common import count, non_negative, positive
 def _run_prune(a) -> dict:
     from pipelines.prune import prune_memory
 
-    result = prune_memory(a.memory, self_k=a.self_k, hard=a.hard, soft=a.soft, c=a.c, dd=a.dd,
-                          probe_shards=a.probe_shards, pipeline_args=a.beam_args)
     term = terminal.current()
+    term.output_folder(a.memory)  # Beam's logs go to MEMORY/logs/ (a local memory), as compact's do
+    result = prune_memory(a.memory, self_k=a.self_k, hard=a.hard, soft=a.soft, c=a.c, dd=a.dd,
+                          probe_shards=a.probe_shards, pipeline_args=a.beam_args, progress=term)
     counted = (f"{result.get('items_with_wrong', 0):,} of {result.get('items_queried', 0):,} items misled a "
                f"neighbour at K={a.self_k}")
     if not result["changed"]:

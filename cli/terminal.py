@@ -113,7 +113,8 @@ class _Bar:
             self.tqdm.close()
         elif self.session.verbosity > QUIET:
             secs = time.perf_counter() - self.t0
-            rate = f", {self.n / secs:,.0f} {self.unit}/s" if self.rate and secs > 0 and self.n else ""
+            # A stage seen only as it ended (its work done between two polls) has no rate worth quoting.
+            rate = f", {self.n / secs:,.0f} {self.unit}/s" if self.rate and secs >= 0.1 and self.n else ""
             unit = self.unit[:-1] if self.n == 1 and self.unit.endswith("s") else self.unit
             counted = f"{self.n:,} {unit} in " if self.n or self.total else "done in "  # a stage that counts nothing
             self.session.line(f"{self.name}: {counted}{secs:.1f} s{rate}")

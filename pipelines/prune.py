@@ -40,6 +40,7 @@ from memory.partition import hash_partition
 from pipelines.beam_runner import METRICS, run_pipeline
 from pipelines.build_publish import find_published
 from pipelines.build_stage import remove_staging, staging_dir
+from pipelines.progress import SILENT, MarkerWatch, mark, marker_dir
 
 log = logging.getLogger("vismem.prune")
 RESULT = "result.json"
@@ -61,6 +62,11 @@ class PruneConfig:
     @property
     def staging(self) -> str:
         return staging_dir(self.root, self.version + 1, self.token)
+
+    @property
+    def markers(self) -> str:
+        """Where workers mark the shards they are done with (the driver's progress bars)."""
+        return marker_dir(self.root, self.version + 1, self.token)
 
 
 def write_counts(path: str, ids, counts) -> str:
@@ -102,6 +108,7 @@ class CountShard(beam.DoFn):
         ids, labels, vectors = pruning.shard_queries(c.root, entry, self.dead.get(entry.path, ()))
         hit_ids, counts = pruning.self_query_counts(ids, labels, vectors, self.search, c.self_k, batch=c.batch)
         self.items_queried.inc(len(ids))
+        mark(c.markers, "count", entry.path, len(ids))
         log.info("shard %s: %d items queried, %d neighbours were wrong", entry.name, len(ids), len(hit_ids))
         bucket = hash_partition(hit_ids, c.buckets)
         for b in np.unique(bucket):
@@ -148,6 +155,7 @@ class Reweight(beam.DoFn):
         new = pruning.reweighted_shard(self.cfg.root, entry, self._counts, self.cfg.rule,
                                        self.dead.get(entry.path, ()), version=self.cfg.version + 1,
                                        token=self.cfg.token)
+        mark(self.cfg.markers, "reweight", entry.path, entry.count - len(self.dead.get(entry.path, ())))
         if new is not None:
             self.shards_reweighted.inc()
             yield entry.path, new
@@ -210,7 +218,7 @@ def rule_of(hard: int | None, soft: bool, c: float | None, dd: float | None) -> 
 
 def prune_memory(root: str, *, self_k: int, hard: int | None = None, soft: bool = False, c: float | None = None,
                  dd: float | None = None, probe_shards: int | None = None, pipeline_args=None,
-                 batch: int = pruning.BATCH) -> dict:
+                 batch: int = pruning.BATCH, progress=SILENT) -> dict:
     """Prune the latest version of ``root`` with Beam and publish the result as a new version; a summary.
 
     ``self_k`` neighbours per self-query count towards each item's ``v``; ``hard=T`` tombstones every
@@ -219,6 +227,7 @@ def prune_memory(root: str, *, self_k: int, hard: int | None = None, soft: bool 
     ``eval.pruning`` over one search of every item. Changes published meanwhile are kept (hard: the
     ids are tombstoned wherever the latest version holds them; soft: see
     ``memory.pruning.soft_version``). Nothing is published (``changed`` False) when nothing changes.
+    ``progress`` (``pipelines.progress``) draws the self-queries (and, soft, the reweighting) per shard.
 
     Raises:
         ValueError: a bad rule, ``self_k`` or ``probe_shards``, or too few live items for ``self_k``.
@@ -234,10 +243,18 @@ def prune_memory(root: str, *, self_k: int, hard: int | None = None, soft: bool 
                           probe_shards=probe_shards, buckets=max(4, len(parent.shards)), batch=batch)
         log.info("pruning %s version %d (%s, self-k %d): %d live items in %d shards", root, parent.version,
                  rule.params(), self_k, parent.live_count, len(parent.shards))
+        progress.note(f"{root} version {parent.version}: {parent.live_count:,} live items in {len(parent.shards)} "
+                      f"shard{'s' * (len(parent.shards) != 1)}, self-k {self_k}")
+        stages = [("count", "self-queries", len(parent.shards), parent.live_count, "items")]
+        if rule.mode == "soft":
+            stages.append(("reweight", "reweight shards", len(parent.shards), parent.live_count, "items"))
         try:
-            run = run_pipeline(lambda p: prune_pipeline(p, cfg, list(parent.shards)), pipeline_args, "prune")
+            with MarkerWatch(progress, cfg.markers, stages) as watch:
+                run = run_pipeline(lambda p: prune_pipeline(p, cfg, list(parent.shards)), pipeline_args, "prune")
+                watch.finish({})
             result = json.loads(storage.read_bytes(storage.join(cfg.staging, RESULT)))
         finally:
+            storage.remove(cfg.markers, recursive=True)
             remove_staging(root, cfg.version + 1, token)
             run_dir = storage.join(root, "shards", f"v{cfg.version + 1:08d}.{token}")
             if not storage.list_names(run_dir):  # nothing but staging was written there (hard, or no change)

@@ -271,3 +271,25 @@ def test_the_demo_shows_one_line_per_stage_and_its_report(tmp_path):
     assert not [line for line in err if ENGINE.search(line)]
     assert f"report: {summary['report']}" in err
     assert os.path.exists(summary["report"]) and os.path.exists(_log_of(res.stderr))
+
+
+def test_prune_shows_its_stages_and_logs_to_the_memory_folder(tmp_path):
+    """Soft pruning of a 2-shard memory: one line per stage (self-queries, reweighting), the summary
+    last, the Beam logs in MEMORY/logs/, and no progress markers left behind."""
+    out = tmp_path / "m"
+    x, labels = clustered(600, 16, 3, seed=12, noise=0.7)
+    labels = labels.copy()
+    labels[::10] = (labels[::10] + 1) % 3  # mislabelled items: some weights change
+    write_memory(str(out), x, labels, [f"i{i:04d}" for i in range(600)], num_shards=2, class_names=["a", "b", "c"])
+    res = _run(tmp_path, "prune", str(out), "--self-k", "5", "--soft", "--direct_num_workers", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["version"] == 2
+    err = _lines(res.stderr)
+    assert len(err) <= 8 and not [line for line in err if ENGINE.search(line)], res.stderr  # Beam's import too
+    assert err[0].startswith(f"{out} version 1: 600 live items in 2 shards, self-k 5"), err
+    assert any(line.startswith("self-queries: 600 items in") for line in err), err
+    assert any(line.startswith("reweight shards: 600 items in") for line in err), err
+    assert err[-1].startswith(f"vismem prune: pruned {out} to version 2: vote weights"), err
+    log = _log_of(err[-1])
+    assert os.path.dirname(log) == str(out / "logs") and "vismem.prune: pruning" in open(log).read()
+    assert not list(out.rglob("progress")) and not list(out.rglob("staging"))
