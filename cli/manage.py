@@ -12,7 +12,8 @@ def _run_query(a) -> dict:
     term = terminal.current()
     result = query_memory(a.memory, a.queries, k=a.k, method=a.method, out=a.out, batch_size=a.batch_size,
                           version=a.version, alpha=a.alpha, tau=a.tau, xi=a.xi, probe_shards=a.probe_shards,
-                          probe_margin=a.probe_margin, ties=a.ties, abstain_below=a.abstain_below, where=item_filter(a), progress=term)
+                          probe_margin=a.probe_margin, ties=a.ties, abstain_below=a.abstain_below,
+                          where=item_filter(a), progress=term)
     accuracy = f", top-1 accuracy {result['top1_accuracy']:.4f}" if "top1_accuracy" in result else ""
     term.summary(f"classified {result['queries']:,} queries at k={a.k} ({a.method}){accuracy}"
                  + (f"; predictions: {a.out}" if a.out else ""))
@@ -72,8 +73,8 @@ def add_query(sub) -> None:
                    help="k-means memories: search each query only in the P shards holding its most similar k-means cells")
     q.add_argument("--probe-margin", type=non_negative, default=None, metavar="M",
                    help="k-means memories: visit the 2nd..P-th nearest shards (every shard without --probe-shards) only "
-                   "where a query's similarity to them is within M (cosine) of its nearest shard's; real embeddings need far fewer shard visits "
-                   "for the same recall (e.g. --probe-shards 4 --probe-margin 0.08)")
+                   "where a query's similarity to them is within M (cosine) of its nearest shard's; real embeddings "
+                   "need far fewer shard visits for the same recall (e.g. --probe-shards 4 --probe-margin 0.08)")
     add_filters(q)
     q.add_argument("--out", default=None,
                    help="write predictions + neighbours to this Parquet file (a file path, not a folder)")

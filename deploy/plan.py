@@ -267,7 +267,8 @@ def _build(req: Request, cal: Calibration, shards: int, machines: int, rows: lis
     rows.append(Row("build_driver_ram", drv.at(n), "B", human_bytes(drv.at(n)),
                     drv.describe(n) + "; the driver holds the staged files' paths, not their rows"))
     # The k-means step is the one task that does not scale with a shard: one worker trains the router on
-    # the whole sample, held once as float32, with a block of similarities (memory.partition.BLOCK_SIMILARITIES), on top of a worker's fixed RSS.
+    # the whole sample, held once as float32, with a block of similarities
+    # (memory.partition.BLOCK_SIMILARITIES), on top of a worker's fixed RSS.
     sample, cells = _router_size(shards)
     km = cal.figure("worker_rss").a + 4 * sample * req.dim + 4 * BLOCK_SIMILARITIES
     rows.append(Row("kmeans_worker_ram", km, "B",

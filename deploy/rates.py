@@ -175,11 +175,11 @@ class Calibration:
         return self.figures[name]
 
     def mode(self, name: str) -> ModeRates:
-        if name not in self.storage and name in EXACT_ONLY_MODES:
-            raise ValueError(f"storage mode {name!r} exists for exact (brute-force) memories only, and vismem plan "
-                             f"sizes ScaNN memories (exact search of a billion items is not a plan); choose one of "
-                             f"{', '.join(sorted(self.storage))}")
         if name not in self.storage:
+            if name in EXACT_ONLY_MODES:
+                raise ValueError(f"storage mode {name!r} exists for exact (brute-force) memories only, and vismem "
+                                 f"plan sizes ScaNN memories (exact search of a billion items is not a plan); choose "
+                                 f"one of {', '.join(sorted(self.storage))}")
             raise ValueError(f"the calibration {self.path} has no rates for storage mode {name!r} (it has: "
                              f"{', '.join(sorted(self.storage))}); calibrate where that mode is available")
         return self.storage[name]

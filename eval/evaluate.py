@@ -133,7 +133,8 @@ def evaluate(memory_path: str, queries_path: str, out_dir: str, *, k_max: int = 
     confident = calibration.confidence_figures(got.labels, got.sims, truth, num_classes=got.num_classes, best=best,
                                                weights=got.weights, ties=ties, **DEFAULTS)
     timing = {"queries": int(len(truth)), "k_max": k_max, "probe_shards": probe_shards,
-              "probe_margin": probe_margin, "filter": where.describe() if where is not None else None, "retrieval_s": got.seconds,
+              "probe_margin": probe_margin, "filter": where.describe() if where is not None else None,
+              "retrieval_s": got.seconds,
               "scoring_all_rules_all_k_s": scores.seconds, "scoring_over_retrieval": scores.seconds / got.seconds}
     return write_outputs(out_dir, memory_path, got.version, queries_path, timing, scores, best, honest, confident,
                          reranked, ties)

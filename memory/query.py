@@ -28,8 +28,8 @@ def _bar(progress, n: int, step: int):
 def query_memory(memory_path: str, queries_path: str, *, k: int = 50, method: str = "rank",
                  out: str | None = None, batch_size: int = 4096, version: int | None = None,
                  alpha: float = 2.0, tau: float = 0.07, xi: float = 1.0, probe_shards: int | None = None,
-                 probe_margin: float | None = None, ties: str = "nearest", abstain_below: float | None = None, where=None,
-                 progress=None) -> dict:
+                 probe_margin: float | None = None, ties: str = "nearest", abstain_below: float | None = None,
+                 where=None, progress=None) -> dict:
     """Classify every row of an embedding shard; write predictions with neighbours; return a summary.
 
     ``where`` (``memory.filters.ItemFilter``) votes with the nearest items it allows only; the
